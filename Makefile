@@ -1,0 +1,36 @@
+# Two set-up commands for a new user: `make demo` and `make test`. Both create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Torch pin for this machine lives in constraints.txt; GPU users: `make CONSTRAINTS= demo`
+# after installing their own CUDA torch into .venv (see README).
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PIP_C) -e '.[test,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mplug demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "unit or integration or e2e" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check mplug pipelines jobs tests benchmarks
+	$(BIN)/ruff format --check mplug pipelines jobs tests benchmarks
+
+bench: $(STAMP)
+	@echo "Each benchmark is a script under benchmarks/; see benchmarks/README.md"
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,1 @@
+"""Ray Data ingestion, preprocessing, the synthetic corpus and the training stream."""

@@ -1,0 +1,1 @@
+"""Distributed evaluation and batch inference."""

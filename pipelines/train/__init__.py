@@ -1,0 +1,1 @@
+"""Ray Train loops run on every worker."""

@@ -1,0 +1,1 @@
+"""Ray Tune search spaces, schedulers and the Tune driver."""

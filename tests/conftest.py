@@ -1,0 +1,143 @@
+"""Shared test harness: one local Ray instance per session, a real S3 API (moto server).
+
+Markers: `unit` (no Ray, fast), `integration` (Ray and/or S3), `e2e` (the demo path).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"moto_server did not listen on 127.0.0.1:{port} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on a free loopback port; its endpoint and fake credentials go into the
+    environment (as boto3, s3fs and our storage helper read them) before Ray starts, so Ray
+    workers inherit them too. Stopped by pid at session end."""
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    if moto is None:
+        pytest.fail("moto_server not found: install the test extra (`pip install -e '.[test]'`)")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [moto, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+    try:
+        _wait_for_port(port, proc)
+        os.environ.update(S3_ENV)
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        yield endpoint
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class S3Bucket:
+    """One fresh bucket on the moto server, with ready handles."""
+
+    name: str
+    endpoint: str
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.name}", *[p.strip("/") for p in parts]]).rstrip("/")
+
+    @property
+    def pyarrow_fs(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint.split("://", 1)[1],
+            scheme="http",
+            access_key=S3_ENV["AWS_ACCESS_KEY_ID"],
+            secret_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+            region=S3_ENV["AWS_DEFAULT_REGION"],
+        )
+
+    @property
+    def s3fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            key=S3_ENV["AWS_ACCESS_KEY_ID"],
+            secret=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+            client_kwargs={"endpoint_url": self.endpoint},
+            skip_instance_cache=True,
+        )
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> S3Bucket:
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return S3Bucket(name=name, endpoint=s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint: str) -> Iterator[None]:
+    """One local Ray instance for the whole session: dashboard off, progress bars off, quiet,
+    and more logical CPUs than cores so a 2-worker TorchTrainer plus Ray Data never starve.
+    Depends on the S3 server so workers inherit its endpoint and credentials."""
+    import ray
+
+    from pipelines.cluster import init_ray, quiet_ray_data
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    init_ray("local", num_cpus=8)
+    quiet_ray_data()
+    try:
+        yield
+    finally:
+        ray.shutdown()
