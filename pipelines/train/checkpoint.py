@@ -1,0 +1,116 @@
+"""Training state in and out of a Ray Train checkpoint directory.
+
+Layout of one checkpoint (Ray merges every rank's directory into one):
+  model.safetensors     full model state: towers, momentum encoders, ITC queues, temperature
+  optimizer.pt          optimizer + scheduler state (rank 0)
+  train_state.json      step, epoch, samples seen, world size
+  metrics.csv           the logged curve up to this step, so a resumed run continues it
+  rng_rank{R}.pt        each rank's torch / numpy / python RNG state
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.pt"
+STATE_FILE = "train_state.json"
+METRICS_FILE = "metrics.csv"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    samples_seen: int = 0
+    world_size: int = 1
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def history_to_csv(history: list[dict[str, float]]) -> str:
+    if not history:
+        return ""
+    columns: list[str] = []
+    for row in history:
+        columns.extend(k for k in row if k not in columns)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    return buf.getvalue()
+
+
+def history_from_csv(text: str) -> list[dict[str, float]]:
+    rows = csv.DictReader(io.StringIO(text))
+    return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in rows]
+
+
+def save_state(
+    directory: Path,
+    *,
+    rank: int,
+    model_state: dict[str, torch.Tensor] | None,
+    optim_state: dict | None,
+    state: TrainState,
+) -> None:
+    """Write this rank's part. Rank 0 passes the full model state and optimizer/scheduler state."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), directory / f"rng_rank{rank}.pt")
+    if rank != 0:
+        return
+    # Tied weights share storage; safetensors refuses aliases, so store independent copies.
+    save_file(
+        {k: v.detach().cpu().contiguous().clone() for k, v in model_state.items()}, directory / MODEL_FILE
+    )
+    torch.save(optim_state, directory / OPTIM_FILE)
+    meta = {k: v for k, v in asdict(state).items() if k != "history"}
+    (directory / STATE_FILE).write_text(json.dumps(meta, indent=1))
+    (directory / METRICS_FILE).write_text(history_to_csv(state.history))
+
+
+@dataclass
+class LoadedCheckpoint:
+    model_state: dict[str, torch.Tensor]
+    optim_state: dict
+    state: TrainState
+
+
+def load_state(directory: Path, *, rank: int) -> LoadedCheckpoint:
+    """Read a checkpoint and restore this rank's RNG; the caller applies the model/optimizer state."""
+    model_state = load_file(directory / MODEL_FILE)
+    # Our own file: optimizer state holds python scalars/lists that weights_only rejects in places.
+    optim_state = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=False)
+    meta = json.loads((directory / STATE_FILE).read_text())
+    metrics = directory / METRICS_FILE
+    history = history_from_csv(metrics.read_text()) if metrics.exists() else []
+    rng_file = directory / f"rng_rank{rank}.pt"
+    # After an elastic resize a new rank has no saved RNG; it keeps its fresh seed.
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return LoadedCheckpoint(model_state, optim_state, TrainState(history=history, **meta))

@@ -1,0 +1,94 @@
+"""Apply data parallelism to a model built by `mplug/` (which knows nothing of it).
+
+Order matters and is fixed: move to device → activation checkpointing (inside the model, via
+its HF switch) → shard/wrap. FSDP2 shards every transformer block first, then the root, so
+each block's parameters are gathered only while that block runs.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# Module-list attribute names whose children are transformer blocks (timm ViT, BERT, ours).
+_BLOCK_LIST_NAMES = ("blocks", "layer", "layers", "resblocks")
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    blocks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES:
+            blocks.extend(module)
+    return blocks
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    strategy: Literal["ddp", "fsdp"],
+    device: torch.device,
+    find_unused_parameters: bool = False,
+) -> nn.Module:
+    """Wrap `model` for the current process group; a single process gets the bare model."""
+    model = model.to(device)
+    if _world_size() == 1:
+        return model
+    if strategy == "ddp":
+        device_ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+        )
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in transformer_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"strategy={strategy!r}: expected 'ddp' or 'fsdp'")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module `mplug/` built (DDP hides it under `.module`; FSDP2 keeps the class)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A full, CPU state dict on every rank (FSDP2 shards are gathered)."""
+    inner = unwrap(model)
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in unwrap(model).parameters())
+
+
+def full_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer state that any world size can load (FSDP2: gathered to full tensors)."""
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(unwrap(model), optimizer, options=opts)
+    return optimizer.state_dict()
+
+
+def load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        opts = StateDictOptions(full_state_dict=True)
+        set_optimizer_state_dict(unwrap(model), optimizer, state, options=opts)
+        return
+    optimizer.load_state_dict(state)
