@@ -130,3 +130,18 @@ def delete_dir(uri: str) -> None:
     fs, path = pyarrow_fs(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_dir(path)
+
+
+def download_dir(uri: str, local_dir: str) -> str:
+    """Copy every file below `uri` into `local_dir` (kept relative); returns `local_dir`."""
+    fs, root = pyarrow_fs(uri)
+    os.makedirs(local_dir, exist_ok=True)
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(root) :].lstrip("/")
+        dest = os.path.join(local_dir, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
+            out.write(src.read())
+    return local_dir
