@@ -40,19 +40,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from mplug.configuration import MPlugConfig
+from mplug.config import FUSION_MODES
 
-FUSION_MODES = ("skip", "merged", "coattention")
+if TYPE_CHECKING:
+    from mplug.config import MPlugConfig
+
 FUSION_LAYER_KINDS = ("asymmetric", "connected", "coattention")
 PART_NAMES = ("vision", "text_encoder", "fusion", "decoder", "heads")
 
 # RGB input: each patch the convolution sees holds 3·p·p values.
 IMAGE_CHANNELS = 3
-# Pretraining defaults from DESIGN.md §3 (batch 256, ITC queue 65,536); they size the per-sample share
-# of the ITC similarity matrices only.
+# Pretraining batch of DESIGN.md §3; with the queue it sizes the per-sample share of the ITC similarities.
 DEFAULT_BATCH_SIZE = 256
-DEFAULT_QUEUE_SIZE = 65_536
 # ITM scores the positive pair and two hard negatives (a negative image for the text, a negative text
 # for the image), so the fusion runs on 3 pairs per sample.
 ITM_PAIRS_PER_SAMPLE = 3
@@ -116,19 +115,16 @@ def fusion_layer_kinds(config: MPlugConfig) -> list[str]:
     * "skip" (mPLUG): layer n (0-based) is connected when n != 0 and n % fusion_stride == 0, else
       asymmetric. Base (S = 3, 6 layers): layer 3 connected. Large (S = 6, 6 layers): none.
     * "merged" (all-connected, single stream): every layer connected.
-    * "coattention" (two-stream, ViLBERT/LXMERT style, the "co-attention" of the paper's fusion
+    * "coattention" (two streams, ALBEF/METER style, the "co-attention" of the paper's fusion
       comparison): every layer updates both streams.
+    The connected layers come from `config.connected_layer_indices()`, the rule the model builds from.
     """
-    mode, n_layers, stride = config.fusion_mode, config.fusion_layers, config.fusion_stride
-    if mode == "skip":
-        if stride < 1:
-            raise ValueError(f"fusion_stride={stride} must be >= 1")
-        return ["connected" if n != 0 and n % stride == 0 else "asymmetric" for n in range(n_layers)]
-    if mode == "merged":
-        return ["connected"] * n_layers
-    if mode == "coattention":
-        return ["coattention"] * n_layers
-    raise ValueError(f"fusion_mode={mode!r} is not one of {FUSION_MODES}")
+    if config.fusion_mode not in FUSION_MODES:
+        raise ValueError(f"fusion_mode={config.fusion_mode!r} is not one of {FUSION_MODES}")
+    if config.fusion_mode == "coattention":
+        return ["coattention"] * config.fusion_layers
+    connected = set(config.connected_layer_indices())
+    return ["connected" if n in connected else "asymmetric" for n in range(config.fusion_layers)]
 
 
 def fusion_layer_flops(
@@ -258,18 +254,20 @@ def pretraining_step_breakdown(
     *,
     prefix_len: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    queue_size: int = DEFAULT_QUEUE_SIZE,
+    queue_size: int | None = None,
 ) -> dict[str, float]:
     """Training FLOPs (forward + backward) of one pretraining sample, by objective; "total" is the sum.
 
-    Which parts run how often, per sample (trained parts count 3x their forward, momentum parts 1x):
+    Which parts run how often, per sample (trained parts count 3x their forward, momentum parts 1x);
+    an objective switched off in the config (`use_itc`, `use_itm`, `use_mlm`, `use_prefix`) counts 0:
 
-    * "encoders": the image through the ViT and the caption (Lt tokens) through the text encoder, once;
-      their outputs feed ITC, ITM, MLM and PrefixLM alike.
+    * "vision": the image through the ViT, once; every objective reuses its tokens.
+    * "text_encoder": the caption (Lt tokens) through the text encoder, once, for ITC and ITM.
     * "itc": the two CLS projections, and each sample's row of the image→text and text→image
-      similarity matrices against the batch plus the queue (2 · 2·E·(B + Q)).
-    * "momentum": the momentum ViT, text encoder and projections, forward only, and the momentum
-      similarities used as distillation targets (forward only).
+      similarity matrices against the batch plus the queue (2 · 2·E·(B + Q); Q = `queue_size`,
+      default `config.queue_size`).
+    * "momentum": for ITC, the momentum ViT, text encoder and projections and their similarities
+      (the distillation targets), forward only.
     * "itm": the fusion on 3 pairs (positive + hard-negative image + hard-negative text, reusing the
       encoders' outputs) and the ITM head on each fused CLS.
     * "mlm": the masked caption through the text encoder again, the fusion with the image, the MLM head.
@@ -279,10 +277,11 @@ def pretraining_step_breakdown(
     """
     lt = config.max_text_len if text_len is None else text_len
     lp = lt // 2 if prefix_len is None else prefix_len
+    queue = config.queue_size if queue_size is None else queue_size
     if not 1 <= lp < lt:
         raise ValueError(f"prefix_len={lp} must satisfy 1 <= prefix_len < text_len={lt}")
-    if batch_size < 1 or queue_size < 0:
-        raise ValueError(f"batch_size={batch_size} must be >= 1 and queue_size={queue_size} >= 0")
+    if batch_size < 1 or queue < 0:
+        raise ValueError(f"batch_size={batch_size} must be >= 1 and queue_size={queue} >= 0")
     lv = visual_token_count(config, image_size)
     d, _ = _width(config)
     train, fwd_only = 3.0, 1.0
@@ -291,21 +290,25 @@ def pretraining_step_breakdown(
     text = text_encoder_flops(config, lt)
     projections = 2.0 * linear_flops(1, d, config.embed_dim)
     # one row of each of the two similarity matrices, against the B in-batch + Q queued features
-    similarities = 2.0 * linear_flops(1, config.embed_dim, batch_size + queue_size)
+    similarities = 2.0 * linear_flops(1, config.embed_dim, batch_size + queue)
     itm_head = float(linear_flops(1, d, 2))
+    itc, itm, mlm, prefix = config.use_itc, config.use_itm, config.use_mlm, config.use_prefix
 
     breakdown = {
-        "encoders": train * (vision + text),
-        "itc": train * (projections + similarities),
-        "momentum": fwd_only * (vision + text + projections + similarities),
-        "itm": train * ITM_PAIRS_PER_SAMPLE * (fusion_flops(config, lv, lt) + itm_head),
-        "mlm": train * (text + fusion_flops(config, lv, lt) + _lm_head_flops(config, lt)),
+        "vision": train * vision,
+        "text_encoder": train * text if (itc or itm) else 0.0,
+        "itc": train * (projections + similarities) if itc else 0.0,
+        "momentum": fwd_only * (vision + text + projections + similarities) if itc else 0.0,
+        "itm": train * ITM_PAIRS_PER_SAMPLE * (fusion_flops(config, lv, lt) + itm_head) if itm else 0.0,
+        "mlm": train * (text + fusion_flops(config, lv, lt) + _lm_head_flops(config, lt)) if mlm else 0.0,
         "prefix_lm": train
         * (
             text_encoder_flops(config, lp)
             + fusion_flops(config, lv, lp)
             + decoder_flops(config, lt - lp, lv + lp)
-        ),
+        )
+        if prefix
+        else 0.0,
     }
     breakdown["total"] = sum(breakdown.values())
     return breakdown
@@ -318,7 +321,7 @@ def pretraining_step_flops(
     *,
     prefix_len: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    queue_size: int = DEFAULT_QUEUE_SIZE,
+    queue_size: int | None = None,
 ) -> float:
     """Training FLOPs (forward + backward) per pretraining sample: `pretraining_step_breakdown(...)["total"]`.
 
