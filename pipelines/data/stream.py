@@ -1,0 +1,214 @@
+"""Processed shards → what each Ray Train worker iterates.
+
+Ingest did the expensive deterministic work once (decode, validate, resize to the train
+resolution); here only the per-epoch random work runs, streamed on a CPU actor pool:
+decode → RandomResizedCrop(0.2–1) + flip + RandAugment(2, 7) → CLIP normalisation → tokenise.
+The eval variant resizes the shorter side and centre-crops, with no randomness.
+
+Trainer usage (Ray Train V2):
+
+    ds = training_dataset(uris, image_size=256, max_text_len=30)
+    trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=train_data_config(), ...)
+    # in the loop, every epoch:
+    it = ray.train.get_dataset_shard("train")
+    for batch in it.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=4 * B):
+        batch["image"]  # float32 (B, 3, S, S); batch["input_ids"], batch["attention_mask"]: int64 (B, L)
+
+Per-epoch reshuffling: the dataset re-executes each epoch; `randomize_block_order` below is
+seeded with `reseed_after_execution=True`, so each epoch reads blocks in a different, seeded
+order, and `local_shuffle_buffer_size` mixes rows across blocks inside each worker.
+`drop_last=True` keeps every batch the same shape.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+from ray.train import DataConfig
+from torchvision.transforms import v2 as T
+
+from mplug.tokenizer import load_tokenizer
+from pipelines import storage
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+STREAM_COLUMNS = ["key", "image", "caption", "question"]
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def swap_left_right(text: str) -> str:
+    """A horizontal flip mirrors the scene, so 'left' and 'right' in its caption swap too."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", text)
+
+
+class ImageTextTransform:
+    """Ray Data `map_batches` UDF: heavy state (tokenizer, transforms) built once per actor in
+    `__init__`; `__call__(batch) -> batch` is pure and runs without Ray (unit-testable).
+
+    Input batch (numpy format): `key`, `image` (encoded bytes), `caption`, optional `question`
+    (used as the text where a row has no caption). Output: `image` float32 (B, 3, S, S),
+    `input_ids` / `attention_mask` int64 (B, max_text_len), `key` str.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        max_text_len: int,
+        train: bool = True,
+        seed: int = 0,
+        tokenizer_path: str | None = None,
+        swap_left_right_on_flip: bool = True,
+    ) -> None:
+        if image_size <= 0 or max_text_len <= 0:
+            raise ValueError(f"image_size={image_size} and max_text_len={max_text_len} must be positive")
+        self.image_size = image_size
+        self.max_text_len = max_text_len
+        self.train = train
+        self.swap_left_right_on_flip = swap_left_right_on_flip
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        bicubic = T.InterpolationMode.BICUBIC
+        if train:
+            self.geometric = T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=bicubic)
+            self.randaugment = T.RandAugment(num_ops=2, magnitude=7, interpolation=bicubic)
+        else:
+            self.geometric = T.Compose(
+                [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
+            )
+            self.randaugment = None
+        self.to_float = T.Compose(
+            [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)]
+        )
+        # Each actor draws its own random stream: seeded, but distinct per process.
+        self.rng = np.random.default_rng([seed, os.getpid()])
+        if train:
+            torch.manual_seed(int(self.rng.integers(2**31)))
+
+    def _image(self, data: bytes, text: str) -> tuple[torch.Tensor, str]:
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        im = self.geometric(im)
+        if self.train:
+            if self.rng.random() < 0.5:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                if self.swap_left_right_on_flip:
+                    text = swap_left_right(text)
+            im = self.randaugment(im)
+        return self.to_float(im), text
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        captions = batch.get("caption", [None] * n)
+        questions = batch.get("question", [None] * n)
+        images, texts = [], []
+        for data, caption, question in zip(batch["image"], captions, questions):
+            tensor, text = self._image(bytes(data), caption or question or "")
+            images.append(tensor)
+            texts.append(text)
+        tokens = self.tokenizer(
+            texts, padding="max_length", truncation=True, max_length=self.max_text_len, return_tensors="np"
+        )
+        return {
+            "image": torch.stack(images).numpy(),
+            "input_ids": tokens["input_ids"].astype(np.int64),
+            "attention_mask": tokens["attention_mask"].astype(np.int64),
+            "key": np.asarray([str(k) for k in batch["key"]], dtype=object),
+        }
+
+
+def processed_files(data_uris: list[str]) -> list[str]:
+    """Every `data/*.parquet` shard of the given ingest outputs, in a stable order."""
+    if not data_uris:
+        raise ValueError("data_uris is empty: pass at least one ingest OUTPUT URI")
+    files: list[str] = []
+    for uri in data_uris:
+        found = storage.list_files(storage.join(uri, "data"), ".parquet")
+        if not found:
+            raise FileNotFoundError(
+                f"no processed shards under {storage.join(uri, 'data')!r}: run `mplug ingest` first"
+            )
+        files.extend(found)
+    return files
+
+
+def training_dataset(
+    data_uris: list[str],
+    *,
+    image_size: int,
+    max_text_len: int,
+    train: bool = True,
+    seed: int = 0,
+    tokenizer_path: str | None = None,
+    batch_size: int = 32,
+    max_actors: int | None = None,
+):
+    """A Ray Dataset of fixed-shape training (or eval) rows from ingest outputs.
+
+    `data_uris` are ingest OUTPUT URIs (their `data/*.parquet` are read; a list mixes corpora,
+    which must share one storage scheme). `batch_size` is the transform's batch, not the
+    trainer's; `max_actors` caps the CPU actor pool (default: up to 8).
+    """
+    import ray
+
+    files = processed_files(data_uris)
+    schemes = {f.split("://", 1)[0] if "://" in f else "" for f in files}
+    if len(schemes) > 1:
+        raise ValueError(f"data_uris mix storage schemes {sorted(schemes)}; copy them to one store first")
+    fs, _ = storage.pyarrow_fs(files[0])
+    ds = ray.data.read_parquet(
+        [storage.pyarrow_fs(f)[1] for f in files], filesystem=fs, columns=STREAM_COLUMNS
+    )
+    if train:
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    actors = max_actors or max(1, min(8, int(ray.cluster_resources().get("CPU", 1)) // 2))
+    return ds.map_batches(
+        ImageTextTransform,
+        fn_constructor_kwargs={
+            "image_size": image_size,
+            "max_text_len": max_text_len,
+            "train": train,
+            "seed": seed,
+            "tokenizer_path": tokenizer_path,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+        num_cpus=1,
+    )
+
+
+class CompleteShardsDataConfig(DataConfig):
+    """Ray Train's `DataConfig` with `streaming_split(equal=False)`: see `train_data_config`."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        split_names = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            if name in split_names:
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[i][name] = split
+            else:
+                for i in range(world_size):
+                    output[i][name] = ds.iterator()
+        return output
+
+
+def train_data_config(datasets_to_split: str | list[str] = "all") -> CompleteShardsDataConfig:
+    """`TorchTrainer(dataset_config=...)` that gives workers disjoint shards covering every row.
+
+    Ray Train's default `DataConfig.configure` calls `streaming_split(world_size, equal=True)`,
+    which drops rows so every worker gets the same count. Here the split is `equal=False`:
+    blocks are handed out dynamically, so shards are disjoint and complete but their sizes may
+    differ by up to a block. A DDP loop must therefore stop all ranks together (e.g. all-reduce a
+    "still has a batch" flag each step) rather than assume equal batch counts. Datasets not in
+    `datasets_to_split` are given whole to every worker.
+    """
+    return CompleteShardsDataConfig(datasets_to_split=datasets_to_split)
