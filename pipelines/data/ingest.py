@@ -72,7 +72,7 @@ class IngestConfig(BaseModel):
     caption_column: str | None = None
     key_column: str | None = None
     url_column: str | None = None
-    resolution: int = Field(256, gt=0, description="shorter side of the stored images")
+    image_size: int = Field(256, gt=0, description="shorter side of the stored images, in pixels")
     min_image_size: int = Field(32, gt=0)
     max_aspect_ratio: float = Field(3.0, ge=1.0)
     max_image_pixels: int = Field(25_000_000, gt=0, description="decompression-bomb guard")
@@ -108,7 +108,7 @@ class IngestConfig(BaseModel):
 
     def limits(self) -> ImageLimits:
         return ImageLimits(
-            resolution=self.resolution,
+            resolution=self.image_size,
             min_size=self.min_image_size,
             max_aspect_ratio=self.max_aspect_ratio,
             max_pixels=self.max_image_pixels,

@@ -47,7 +47,7 @@ def test_every_corrupt_kind_is_rejected_with_its_reason(tmp_path: Path, fmt: str
     splits = render_corpus(str(tmp_path / "raw"), 12, fmt=fmt, image_size=64, corrupt_per_kind=1)
     expected = json.loads((tmp_path / "raw" / "train_corrupt.json").read_text())
     cfg = IngestConfig(
-        input=splits["train"], format=fmt, output=str(tmp_path / "out"), resolution=48,
+        input=splits["train"], format=fmt, output=str(tmp_path / "out"), image_size=48,
         image_root=str(tmp_path / "raw") if fmt == "json" else None, rows_per_unit=7,
     )  # fmt: skip
     stats = ingest_in_process(cfg)
@@ -78,7 +78,7 @@ def test_coco_style_caption_lists_are_not_duplicates_but_repeats_are(tmp_path: P
     ]
     (tmp_path / "ann.json").write_text(json.dumps(ann))
     cfg = IngestConfig(input=str(tmp_path / "ann.json"), format="json", output=str(tmp_path / "out"),
-                       image_root=str(tmp_path), resolution=32)  # fmt: skip
+                       image_root=str(tmp_path), image_size=32)  # fmt: skip
     stats = ingest_in_process(cfg)
     assert (stats["read"], stats["written"], stats["rejected_by_reason"]["duplicate"]) == (4, 3, 1)
     rows = {r["key"]: r for r in read_dir(tmp_path / "out" / "data").to_pylist()}
@@ -113,17 +113,17 @@ def test_laion_style_columns_map_in_and_missing_columns_are_named(tmp_path: Path
 
 
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="resolutoin"):
-        IngestConfig.from_yaml("input: a\nformat: parquet\noutput: b\nresolutoin: 3\n")
-    with pytest.raises(ValidationError, match="resolution"):
-        IngestConfig.from_yaml("input: a\nformat: parquet\noutput: b\nresolution: big\n")
+    with pytest.raises(ValidationError, match="imagesize"):
+        IngestConfig.from_yaml("input: a\nformat: parquet\noutput: b\nimagesize: 3\n")
+    with pytest.raises(ValidationError, match="image_size"):
+        IngestConfig.from_yaml("input: a\nformat: parquet\noutput: b\nimage_size: big\n")
     with pytest.raises(ValidationError, match="format"):
         IngestConfig(input="a", format="csv", output="b")
     path = tmp_path / "ingest.yaml"
     path.write_text(
         "input: a\nformat: json\noutput: b\ndownload: {timeout_s: 2}\naws_secret_access_key: s3cr3t\n"
     )
-    cfg = IngestConfig.from_yaml(str(path), output="c", resolution=None)
-    assert (cfg.output, cfg.download.timeout_s, cfg.resolution) == ("c", 2.0, 256)
+    cfg = IngestConfig.from_yaml(str(path), output="c", image_size=None)
+    assert (cfg.output, cfg.download.timeout_s, cfg.image_size) == ("c", 2.0, 256)
     assert "s3cr3t" not in repr(cfg) and "s3cr3t" not in str(cfg)
     assert cfg.storage_env()["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"

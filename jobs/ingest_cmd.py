@@ -1,0 +1,136 @@
+"""`mplug ingest`: raw image-text pairs in object storage → clean training shards (Ray Data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# CLI flag (argparse dest) → IngestConfig key, for flags that override YAML keys.
+FLAG_KEYS = {
+    "input": "input",
+    "format": "format",
+    "output": "output",
+    "image_root": "image_root",
+    "image_column": "image_column",
+    "caption_column": "caption_column",
+    "key_column": "key_column",
+    "url_column": "url_column",
+    "image_size": "image_size",
+    "min_image_size": "min_image_size",
+    "max_aspect_ratio": "max_aspect_ratio",
+    "max_image_pixels": "max_image_pixels",
+    "max_words": "max_words",
+    "rows_per_shard": "rows_per_shard",
+    "rows_per_unit": "rows_per_unit",
+    "dedupe": "dedupe",
+    "num_workers": "num_workers",
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ingest",
+        help="turn raw image-text pairs (parquet, webdataset, JSON, URL lists) into clean training shards",
+        description="Read raw pairs from s3://, gs://, file:// or a path; decode, validate, resize, clean "
+        "captions and drop exact duplicates on Ray Data; write OUTPUT/data/*.parquet, every rejected row "
+        "with its reason to OUTPUT/rejects/, and OUTPUT/stats.json. Re-running an interrupted ingest "
+        "finishes it without duplicating rows. img2dataset output needs no column options. S3 endpoint "
+        "and credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or the YAML.",
+    )
+    p.add_argument("--config", help="YAML (path/URI) or a shipped name: " + ", ".join(shipped_configs()))
+    p.add_argument("--input", help="input URI: one file or a folder of shards")
+    p.add_argument("--format", choices=["parquet", "webdataset", "json", "urls"])
+    p.add_argument("--output", help="output URI (gets data/, rejects/, stats.json)")
+    p.add_argument("--image-root", help="json: URI that the annotations' image paths are relative to")
+    p.add_argument("--image-column", help="column with encoded image bytes (default: image/jpg/png/webp)")
+    p.add_argument("--caption-column", help="caption column (default: caption/TEXT/text/txt)")
+    p.add_argument("--key-column", help="row id column (default: key; else generated)")
+    p.add_argument("--url-column", help="URL column (default: url/URL)")
+    p.add_argument("--image-size", type=int, help="shorter side of stored images in pixels (default 256)")
+    p.add_argument(
+        "--min-image-size", type=int, help="reject images whose shorter side is smaller (default 32)"
+    )
+    p.add_argument(
+        "--max-aspect-ratio", type=float, help="reject long/short side ratios above this (default 3)"
+    )
+    p.add_argument("--max-image-pixels", type=int, help="decompression-bomb guard (default 25e6)")
+    p.add_argument("--max-words", type=int, help="captions are cut to this many words (default 30)")
+    p.add_argument("--rows-per-shard", type=int, help="rows per output parquet file (default 10000)")
+    p.add_argument(
+        "--rows-per-unit", type=int, help="json/urls: annotation rows per work unit (default 1000)"
+    )
+    p.add_argument(
+        "--dedupe", action=argparse.BooleanOptionalAction, default=None, help="drop exact duplicate pairs"
+    )
+    p.add_argument("--num-workers", type=int, help="concurrent ingest tasks (default: every cluster CPU)")
+    p.add_argument("--address", help="Ray cluster address; default $RAY_ADDRESS, else a local instance")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("ingest_*.yaml"))
+
+
+def resolve_config(name_or_path: str | None) -> str | None:
+    """A YAML path or URI, or the name of a shipped config (e.g. `ingest_img2dataset`)."""
+    if name_or_path is None:
+        return None
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and shipped.is_file():
+        return str(shipped)
+    return name_or_path
+
+
+def build_config(args: argparse.Namespace):
+    from pipelines.data.ingest import IngestConfig
+
+    overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
+    path = resolve_config(args.config)
+    if path is not None:
+        return IngestConfig.from_yaml(path, **overrides)
+    return IngestConfig.model_validate({k: v for k, v in overrides.items() if v is not None})
+
+
+def format_summary(stats: dict) -> str:
+    reasons = {k: v for k, v in stats["rejected_by_reason"].items() if v}
+    lines = [
+        f"ingest {stats['input']} ({stats['format']})",
+        f"  read {stats['read']}  written {stats['written']}  rejected {stats['rejected']}",
+        f"  rejected by reason: {json.dumps(reasons) if reasons else 'none'}",
+        f"  bytes read {stats['bytes_read']:,}  bytes written {stats['bytes_written']:,}",
+        f"  {stats['units']} units, {stats['units_processed_this_run']} processed this run "
+        f"in {stats['elapsed_s']:.1f}s ({stats['rows_per_s']:.1f} rows/s, {stats['workers']} workers)",
+    ]
+    if "downloads" in stats:
+        lines.append(f"  downloads: {json.dumps(stats['downloads'])}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from pipelines import storage
+    from pipelines.cluster import init_ray, quiet_ray_data
+    from pipelines.data.ingest import format_validation_error, run_ingest
+
+    try:
+        config = build_config(args)
+    except ValidationError as err:
+        print(f"mplug ingest: invalid config: {format_validation_error(err)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    init_ray(args.address)
+    if args.quiet:
+        quiet_ray_data()
+    stats = run_ingest(config)
+    print(format_summary(stats))
+    print(
+        f"  shards: {storage.join(config.output, 'data')}  rejects: {storage.join(config.output, 'rejects')}"
+    )
+    return 0
