@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order `mplug --help` lists them. Later work adds entries here.
-COMMAND_MODULES = ("jobs.env_cmd", "jobs.pretrain_cmd", "jobs.demo")
+COMMAND_MODULES = ("jobs.env_cmd", "jobs.synth_cmd", "jobs.ingest_cmd", "jobs.pretrain_cmd", "jobs.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
