@@ -29,10 +29,11 @@ The parts follow DESIGN.md §3 (official mPLUG):
 * fusion: `fusion_layers` layers at width `D`; see `fusion_layer_flops` for each layer kind.
 * decoder: `decoder_layers` BERT layers over `Ld` target tokens, each causal self-attention,
   cross-attention to a memory of `Lm` tokens (visual + fused text) and FFN, then the LM head
-  (BERT prediction transform `Linear(D → D)` + vocabulary decoder `Linear(D → V)`) on every target.
+  (BERT prediction transform `Linear(D → D)` + vocabulary decoder `Linear(D → V)`) on the
+  positions that are predicted.
 * heads: the ITC projections of the visual and text CLS (`Linear(D → embed_dim)` each), the ITM head
-  on the fused CLS (`Linear(D → 2)`) and the MLM head (transform + vocabulary decoder) on every text
-  token, as BERT's MLM head computes logits for all positions before the loss picks the masked ones.
+  on the fused CLS (`Linear(D → 2)`) and the MLM head (transform + vocabulary decoder) on the masked
+  positions only, as `mplug.modeling` computes it.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ ITM_PAIRS_PER_SAMPLE = 3
 
 
 def linear_flops(tokens: int, d_in: int, d_out: int) -> int:
-    """`tokens` rows through `Linear(d_in → d_out)`: 2·tokens·d_in·d_out."""
+    """`tokens` rows through `Linear(d_in → d_out)`: 2·tokens·d_in·d_out (exact for int `tokens`)."""
     return 2 * tokens * d_in * d_out
 
 
@@ -170,10 +171,11 @@ def _width(config: MPlugConfig) -> tuple[int, int]:
     return config.text_config.hidden_size, config.text_config.intermediate_size
 
 
-def _lm_head_flops(config: MPlugConfig, tokens: int) -> int:
-    # BERT prediction head: transform Linear(D → D) (+ GELU, LayerNorm), then Linear(D → vocab)
+def lm_head_flops(config: MPlugConfig, tokens: float) -> float:
+    """BERT's LM prediction head on `tokens` positions (an expected count may be fractional):
+    transform `Linear(D → D)` (+ GELU, LayerNorm), then the vocabulary decoder `Linear(D → V)`."""
     d, _ = _width(config)
-    return linear_flops(tokens, d, d) + linear_flops(tokens, d, config.text_config.vocab_size)
+    return float(linear_flops(tokens, d, d) + linear_flops(tokens, d, config.text_config.vocab_size))
 
 
 def vision_flops(config: MPlugConfig, image_size: int | None = None) -> float:
@@ -204,24 +206,36 @@ def fusion_flops(config: MPlugConfig, num_visual_tokens: int, text_len: int) -> 
     )
 
 
-def decoder_flops(config: MPlugConfig, target_len: int, memory_len: int) -> float:
-    """Prefix-LM decoder forward: `decoder_layers` x (causal self-attention over `target_len` tokens,
-    cross-attention to `memory_len` tokens, FFN) + the LM head on every target token."""
+def decoder_flops(
+    config: MPlugConfig, target_len: int, memory_len: int, predicted_tokens: float | None = None
+) -> float:
+    """Decoder forward: `decoder_layers` x (causal self-attention over `target_len` tokens,
+    cross-attention to `memory_len` tokens, FFN), then the LM head on `predicted_tokens` positions
+    (default all `target_len`; training computes logits only where a next token exists)."""
     d, f = _width(config)
     layer = (
         attention_flops(target_len, target_len, d)
         + attention_flops(target_len, memory_len, d)
         + ffn_flops(target_len, d, f)
     )
-    return float(config.decoder_layers * layer + _lm_head_flops(config, target_len))
+    predicted = target_len if predicted_tokens is None else predicted_tokens
+    return float(config.decoder_layers * layer) + lm_head_flops(config, predicted)
+
+
+def expected_mlm_tokens(config: MPlugConfig, text_len: int) -> float:
+    """Positions the MLM head scores: the masked ones only (`mplug.modeling` picks them before the
+    vocabulary matmul), `mlm_probability` of the caption; an upper bound, as [CLS]/[SEP]/padding are
+    never masked."""
+    return config.mlm_probability * text_len
 
 
 def heads_flops(config: MPlugConfig, text_len: int) -> float:
-    """ITC projections (visual and text CLS → embed_dim), ITM head (fused CLS → 2), MLM head (all tokens)."""
+    """ITC projections (visual and text CLS → embed_dim), ITM head (fused CLS → 2) and the MLM head on
+    the `expected_mlm_tokens` masked positions."""
     d, _ = _width(config)
     itc = 2 * linear_flops(1, d, config.embed_dim)
     itm = linear_flops(1, d, 2)
-    return float(itc + itm + _lm_head_flops(config, text_len))
+    return float(itc + itm) + lm_head_flops(config, expected_mlm_tokens(config, text_len))
 
 
 def forward_flops(
@@ -230,9 +244,9 @@ def forward_flops(
     """One forward of each part per sample, keys `PART_NAMES` + "total".
 
     `image_size` defaults to the config's, `text_len` to `config.max_text_len`. Every text part sees
-    `text_len` tokens; the decoder decodes `text_len` tokens with a memory of the visual tokens plus
-    `text_len` fused text tokens (the VQA shape: a question fused, an answer decoded). For a
-    pretraining step, where parts run several times, use `pretraining_step_flops`.
+    `text_len` tokens; the decoder decodes `text_len` tokens, LM head on all of them, with a memory of
+    the visual tokens plus `text_len` fused text tokens (the VQA shape: a question fused, an answer
+    decoded). For a pretraining step, where parts run several times, use `pretraining_step_flops`.
     """
     lt = config.max_text_len if text_len is None else text_len
     lv = visual_token_count(config, image_size)
@@ -252,61 +266,66 @@ def pretraining_step_breakdown(
     image_size: int | None = None,
     text_len: int | None = None,
     *,
-    prefix_len: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     queue_size: int | None = None,
+    mlm_tokens: float | None = None,
+    prefix_lm_tokens: float | None = None,
 ) -> dict[str, float]:
     """Training FLOPs (forward + backward) of one pretraining sample, by objective; "total" is the sum.
 
-    Which parts run how often, per sample (trained parts count 3x their forward, momentum parts 1x);
-    an objective switched off in the config (`use_itc`, `use_itm`, `use_mlm`, `use_prefix`) counts 0:
+    Counted as `mplug.modeling.MPlugForPretraining` runs a step, every text tensor padded to
+    `text_len` (default `config.max_text_len`): trained parts count 3x their forward, momentum
+    parts 1x, and an objective switched off in the config (`use_itc`, `use_itm`, `use_mlm`,
+    `use_prefix`) counts 0.
 
-    * "vision": the image through the ViT, once; every objective reuses its tokens.
-    * "text_encoder": the caption (Lt tokens) through the text encoder, once, for ITC and ITM.
-    * "itc": the two CLS projections, and each sample's row of the image→text and text→image
-      similarity matrices against the batch plus the queue (2 · 2·E·(B + Q); Q = `queue_size`,
-      default `config.queue_size`).
-    * "momentum": for ITC, the momentum ViT, text encoder and projections and their similarities
-      (the distillation targets), forward only.
-    * "itm": the fusion on 3 pairs (positive + hard-negative image + hard-negative text, reusing the
+    * "vision": the image through the ViT (and adapter), once; every objective reuses its tokens.
+    * "text_encoder": the caption through the text encoder, once, for ITC and ITM.
+    * "itc": the two CLS projections, each sample's row of the image→text and text→image similarity
+      matrices against the `batch_size` in-batch (global, gathered over data-parallel ranks) plus
+      the `queue_size` queued features (2 · 2·E·(B + Q); Q defaults to `config.queue_size`), and
+      its row of the in-batch similarity that picks hard negatives (2·E·B).
+    * "momentum": for ITC, the momentum ViT, text encoder and projections, and the two momentum
+      similarity rows that soften the targets (distillation, alpha > 0), forward only.
+    * "itm": the fusion on 3 pairs (positive + hard-negative text + hard-negative image, reusing the
       encoders' outputs) and the ITM head on each fused CLS.
-    * "mlm": the masked caption through the text encoder again, the fusion with the image, the MLM head.
-    * "prefix_lm": the prefix (`prefix_len` tokens, default half the caption: the split is at a
-      uniformly random word) through the text encoder and the fusion, then the decoder on the
-      remaining `text_len - prefix_len` tokens with a memory of Lv + prefix_len tokens.
+    * "mlm": the masked caption through the text encoder again, the fusion with the image, and the
+      MLM head on `mlm_tokens` masked positions (default `expected_mlm_tokens`).
+    * "prefix_lm": the prefix (padded to `text_len`) through the text encoder and the fusion, the
+      decoder over the target (padded to `text_len`) with a memory of Lv + `text_len` tokens, and the
+      LM head on `prefix_lm_tokens` predicted positions (default `text_len / 2`: the cut falls on a
+      uniformly random word, so about half the caption is predicted).
     """
     lt = config.max_text_len if text_len is None else text_len
-    lp = lt // 2 if prefix_len is None else prefix_len
     queue = config.queue_size if queue_size is None else queue_size
-    if not 1 <= lp < lt:
-        raise ValueError(f"prefix_len={lp} must satisfy 1 <= prefix_len < text_len={lt}")
     if batch_size < 1 or queue < 0:
         raise ValueError(f"batch_size={batch_size} must be >= 1 and queue_size={queue} >= 0")
+    mlm_predicted = expected_mlm_tokens(config, lt) if mlm_tokens is None else mlm_tokens
+    prefix_predicted = lt / 2 if prefix_lm_tokens is None else prefix_lm_tokens
+    for name, value in (("mlm_tokens", mlm_predicted), ("prefix_lm_tokens", prefix_predicted)):
+        if not 0 <= value <= lt:
+            raise ValueError(f"{name}={value} must lie in [0, text_len={lt}]")
     lv = visual_token_count(config, image_size)
-    d, _ = _width(config)
+    d, e = _width(config)[0], config.embed_dim
     train, fwd_only = 3.0, 1.0
 
     vision = vision_flops(config, image_size)
     text = text_encoder_flops(config, lt)
-    projections = 2.0 * linear_flops(1, d, config.embed_dim)
+    fusion = fusion_flops(config, lv, lt)
+    projections = 2.0 * linear_flops(1, d, e)
     # one row of each of the two similarity matrices, against the B in-batch + Q queued features
-    similarities = 2.0 * linear_flops(1, config.embed_dim, batch_size + queue)
+    similarities = 2.0 * linear_flops(1, e, batch_size + queue)
+    in_batch = float(linear_flops(1, e, batch_size))
     itm_head = float(linear_flops(1, d, 2))
     itc, itm, mlm, prefix = config.use_itc, config.use_itm, config.use_mlm, config.use_prefix
 
     breakdown = {
         "vision": train * vision,
         "text_encoder": train * text if (itc or itm) else 0.0,
-        "itc": train * (projections + similarities) if itc else 0.0,
+        "itc": train * (projections + similarities + in_batch) if itc else 0.0,
         "momentum": fwd_only * (vision + text + projections + similarities) if itc else 0.0,
-        "itm": train * ITM_PAIRS_PER_SAMPLE * (fusion_flops(config, lv, lt) + itm_head) if itm else 0.0,
-        "mlm": train * (text + fusion_flops(config, lv, lt) + _lm_head_flops(config, lt)) if mlm else 0.0,
-        "prefix_lm": train
-        * (
-            text_encoder_flops(config, lp)
-            + fusion_flops(config, lv, lp)
-            + decoder_flops(config, lt - lp, lv + lp)
-        )
+        "itm": train * ITM_PAIRS_PER_SAMPLE * (fusion + itm_head) if itm else 0.0,
+        "mlm": train * (text + fusion + lm_head_flops(config, mlm_predicted)) if mlm else 0.0,
+        "prefix_lm": train * (text + fusion + decoder_flops(config, lt, lv + lt, prefix_predicted))
         if prefix
         else 0.0,
     }
@@ -319,16 +338,23 @@ def pretraining_step_flops(
     image_size: int | None = None,
     text_len: int | None = None,
     *,
-    prefix_len: int | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     queue_size: int | None = None,
+    mlm_tokens: float | None = None,
+    prefix_lm_tokens: float | None = None,
 ) -> float:
     """Training FLOPs (forward + backward) per pretraining sample: `pretraining_step_breakdown(...)["total"]`.
 
     MFU = pretraining_step_flops(...) x samples per second / peak FLOP/s of the devices.
     """
     return pretraining_step_breakdown(
-        config, image_size, text_len, prefix_len=prefix_len, batch_size=batch_size, queue_size=queue_size
+        config,
+        image_size,
+        text_len,
+        batch_size=batch_size,
+        queue_size=queue_size,
+        mlm_tokens=mlm_tokens,
+        prefix_lm_tokens=prefix_lm_tokens,
     )["total"]
 
 
@@ -353,9 +379,10 @@ def _cpu_sdpa_backward(
     return 5 * 2 * b * h * lq * lk * d
 
 
-def measured_flops(run: Callable[[], object]) -> int:
+def measured_flop_counts(run: Callable[[], object]) -> dict[str, int]:
     """Matrix-product FLOPs torch dispatches while `run()` executes (forward, plus backward if `run`
-    calls it), by `torch.utils.flop_counter.FlopCounterMode`.
+    calls it), by `torch.utils.flop_counter.FlopCounterMode`: "Global" is the total, every other key
+    a module's dotted name (e.g. "MPlugForPretraining.fusion_encoder") with what ran inside it.
 
     torch's counter has no formula for the CPU SDPA kernel (`_scaled_dot_product_flash_attention_for_cpu`)
     and would count CPU attention as zero; this adds it with the same convention as its GPU kernels.
@@ -370,4 +397,9 @@ def measured_flops(run: Callable[[], object]) -> int:
     }
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         run()
-    return int(counter.get_total_flops())
+    return {name: int(sum(ops.values())) for name, ops in counter.get_flop_counts().items()}
+
+
+def measured_flops(run: Callable[[], object]) -> int:
+    """Total of `measured_flop_counts(run)`: every matrix product `run()` dispatches."""
+    return measured_flop_counts(run).get("Global", 0)

@@ -73,8 +73,15 @@ def test_base_forward_parts_by_hand():
     conn = 8 * 287 * 768**2 + 4 * 287**2 * 768 + 4 * 287 * 768 * 3072  # layer 3, over 257 + 30 tokens
     assert parts["fusion"] == 5 * asym + conn
     assert parts["text_encoder"] == 6 * (8 * 30 * 768**2 + 4 * 30**2 * 768 + 4 * 30 * 768 * 3072)
-    # ITC projections 2·(2·768·256), ITM 2·768·2, MLM head 30 x (2·768² + 2·768·30522)
-    assert parts["heads"] == 4 * 768 * 256 + 2 * 768 * 2 + 30 * (2 * 768**2 + 2 * 768 * 30522)
+    # ITC projections 2·(2·768·256), ITM 2·768·2, MLM head on 15% of 30 tokens: 4.5 x (2·768² + 2·768·30522)
+    assert parts["heads"] == 4 * 768 * 256 + 2 * 768 * 2 + 4.5 * (2 * 768**2 + 2 * 768 * 30522)
+    # decoder: 12 x (self-attn over 30, cross-attn to 257 + 30, FFN) + LM head on 30 tokens
+    dec_layer = (
+        (8 * 30 * 768**2 + 4 * 30**2 * 768)
+        + (4 * 30 * 768**2 + 4 * 287 * 768**2 + 4 * 30 * 287 * 768)
+        + 4 * 30 * 768 * 3072
+    )
+    assert parts["decoder"] == 12 * dec_layer + 30 * (2 * 768**2 + 2 * 768 * 30522)
     assert parts["vision"] > parts["decoder"] > parts["fusion"] > parts["text_encoder"]
 
 
@@ -144,11 +151,9 @@ def test_pretraining_step_accounts_for_every_objective():
     )
     # ITM: the fusion on 3 pairs, trained
     assert steps["itm"] == pytest.approx(9 * fwd["fusion"], rel=1e-6)
-    # PrefixLM: a 5-token prefix encoded and fused, 25 tokens decoded against 257 + 5 memory tokens
-    prefix = flops.pretraining_step_breakdown(cfg, text_len=30, prefix_len=5)["prefix_lm"]
-    assert prefix == 3 * (
-        flops.text_encoder_flops(cfg, 5) + flops.fusion_flops(cfg, 257, 5) + flops.decoder_flops(cfg, 25, 262)
-    )
+    # PrefixLM: prefix and target each padded to 30 tokens, 12 target tokens predicted
+    prefix = flops.pretraining_step_breakdown(cfg, text_len=30, prefix_lm_tokens=12)["prefix_lm"]
+    assert prefix == 3 * (fwd["text_encoder"] + fwd["fusion"] + flops.decoder_flops(cfg, 30, 287, 12))
     # the ITC queue similarities are a small share at base size
     no_queue = flops.pretraining_step_flops(cfg, text_len=30, queue_size=0)
     assert 0 < steps["total"] - no_queue < 0.01 * steps["total"]
@@ -169,7 +174,8 @@ def test_switched_off_objectives_cost_nothing():
     ("call", "match"),
     [
         (lambda cfg: flops.forward_flops(cfg, image_size=250), "image_size=250"),
-        (lambda cfg: flops.pretraining_step_flops(cfg, text_len=30, prefix_len=30), "prefix_len=30"),
+        (lambda cfg: flops.pretraining_step_flops(cfg, text_len=30, mlm_tokens=31), "mlm_tokens=31"),
+        (lambda cfg: flops.pretraining_step_flops(cfg, batch_size=0), "batch_size=0"),
         (lambda cfg: flops.fusion_flops(cfg, 0, 30), "num_visual_tokens=0"),
         (lambda cfg: flops.fusion_layer_flops("cross", 3, 2, 4, 8), "'cross'"),
     ],
@@ -247,4 +253,32 @@ def test_training_step_costs_about_three_forwards():
     both = flops.measured_flops(step)
     assert both / flops.measured_flops(lambda: fusion(text, masks[0], visual, masks[1])) == pytest.approx(
         3, rel=0.1
+    )
+
+
+def test_pretraining_forward_matches_the_pretraining_model():
+    # One forward of MPlugForPretraining (all four objectives, distillation on) counted by torch, against
+    # the breakdown's forward share (trained parts / 3 + momentum). The MLM and PrefixLM vocabulary
+    # heads score a random number of positions, so the test counts them separately and sets the
+    # analytic head tokens to what ran.
+    from mplug.modeling import MPlugForPretraining
+
+    cfg = MPlugConfig.preset("tiny")
+    model = MPlugForPretraining(cfg).eval()
+    batch, b = model.example_inputs(4, seed=1), 4
+    with torch.no_grad():
+        counts = flops.measured_flop_counts(lambda: model(**batch, alpha=0.4))
+    per_token = flops.lm_head_flops(cfg, 1)
+    mlm_tokens = counts["MPlugForPretraining.mlm_head"] / per_token / b
+    prefix_tokens = counts["MPlugForPretraining.text_decoder.head"] / per_token / b
+    assert 0 < mlm_tokens * b <= b * cfg.max_text_len and mlm_tokens * b == int(mlm_tokens * b)
+    assert 0 < prefix_tokens * b < b * cfg.max_text_len and prefix_tokens * b == int(prefix_tokens * b)
+    steps = flops.pretraining_step_breakdown(
+        cfg, batch_size=b, mlm_tokens=mlm_tokens, prefix_lm_tokens=prefix_tokens
+    )
+    forward = steps["momentum"] + sum(v for k, v in steps.items() if k not in ("momentum", "total")) / 3
+    assert counts["Global"] == pytest.approx(b * forward, rel=1e-9)
+    # the fusion runs 5 times per sample: 3 ITM pairs, MLM, PrefixLM
+    assert counts["MPlugForPretraining.fusion_encoder"] == 5 * b * flops.fusion_flops(
+        cfg, cfg.num_visual_tokens, cfg.max_text_len
     )
