@@ -73,10 +73,14 @@ def _preset_table() -> dict[str, dict[str, Any]]:
             text_config=dict(
                 vocab_size=30522,
                 hidden_size=128,
-                num_hidden_layers=6,
+                num_hidden_layers=4,  # = text_layers + fusion_layers, the official layout
                 num_attention_heads=4,
                 intermediate_size=512,
                 max_position_embeddings=128,
+                # No dropout: tiny trains from scratch for minutes, and on CPU SDPA with
+                # attention dropout falls back to the slow math kernel.
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
             ),
             text_layers=2,
             fusion_layers=2,

@@ -60,11 +60,22 @@ class FusionEncoder(nn.Module):
         visual_mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """text (B, Lt, D), text_mask (B, Lt), visual (B, Lv, D), visual_mask (B, Lv) -> (text, visual)."""
+        return self.layer_states(text_hidden, text_mask, visual_hidden, visual_mask)[-1]
+
+    def layer_states(
+        self,
+        text_hidden: torch.Tensor,
+        text_mask: torch.Tensor,
+        visual_hidden: torch.Tensor,
+        visual_mask: torch.Tensor,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Like `forward`, but returns (text, visual) after every layer (for inspection and tests)."""
         lv = visual_hidden.shape[1]
         text_self = attention_mask(text_mask)  # (B, 1, 1, Lt)
         text_to_visual = attention_mask(visual_mask)  # (B, 1, 1, Lv)
         joint = attention_mask(torch.cat([visual_mask, text_mask], dim=1))  # (B, 1, 1, Lv + Lt)
         t, v = text_hidden, visual_hidden
+        states = []
         for n, layer in enumerate(self.layer):
             if n in self._connected:
                 out, _ = layer(torch.cat([v, t], dim=1), joint)  # (B, Lv + Lt, D)
@@ -74,6 +85,7 @@ class FusionEncoder(nn.Module):
                 t_new, _ = layer(t, text_self, v, text_to_visual)
                 v, _ = self.visual_layer[n](v, text_to_visual, t, text_self)
                 t = t_new
-            else:
+            else:  # asymmetric co-attention: visual tokens only supply keys/values
                 t, _ = layer(t, text_self, v, text_to_visual)
-        return t, v
+            states.append((t, v))
+        return states

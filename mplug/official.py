@@ -109,9 +109,29 @@ _CLIP_TOP = {
 }
 
 
+def _unused_official(model: MPlugForPretraining, key: str) -> str | None:
+    """Why an official (normalised) key is dropped on purpose, or None when it should be used."""
+    reason = next((why for pattern, why in IGNORED if re.search(pattern, key)), None)
+    if reason is not None:
+        return reason
+    cfg = model.config
+    layer = re.match(r"^fusion_encoder\.encoder\.layer\.(\d+)\.(.*)$", key)
+    if layer is not None:
+        i = int(layer.group(1)) - _fusion_start(cfg)
+        if not 0 <= i < cfg.fusion_layers:
+            return "fusion layer the official model never runs"
+        if layer.group(2).startswith("crossattention.") and i in cfg.connected_layer_indices():
+            return "cross-attention of a connected fusion layer (never run)"
+    return None
+
+
+def _fusion_start(cfg: Any) -> int:
+    """The official fusion model holds the full BERT depth and runs its last `fusion_layers`."""
+    return cfg.text_config.num_hidden_layers - cfg.fusion_layers
+
+
 def official_key_map(model: MPlugForPretraining, key: str) -> str | None:
     """Our name for an official (normalised) key, or None when we have no such parameter."""
-    cfg = model.config
     m = re.match(r"^(\w+?)(_m)?\.(.*)$", key)
     if m is None:  # top-level tensors: temp, queues
         return key if key in ("temp", "image_queue", "text_queue", "queue_ptr") else None
@@ -126,25 +146,16 @@ def official_key_map(model: MPlugForPretraining, key: str) -> str | None:
         return None
     if head in ("visn_fc", "visn_layer_norm"):
         return f"visual_adapter{mom}.{'fc' if head == 'visn_fc' else 'norm'}.{rest}"
+    if head in ("text_encoder", "fusion_encoder") and rest.startswith("cls.predictions."):
+        return "mlm_head." + rest.removeprefix("cls.predictions.")
     if head == "text_encoder":
-        if rest.startswith("cls.predictions."):
-            return _mlm_head_key(rest)
         return f"text_encoder{mom}.{rest.replace('encoder.layer.', 'layer.', 1)}"
-    if head == "fusion_encoder":
-        if rest.startswith("cls.predictions."):
-            return _mlm_head_key(rest)
+    if head == "fusion_encoder" and not mom:
         layer = re.match(r"^encoder\.layer\.(\d+)\.(.*)$", rest)
         if layer is None:
             return None
-        # The official fusion model holds 12 layers and runs the last `fusion_layers`.
-        start = cfg.text_config.num_hidden_layers - cfg.fusion_layers
-        i = int(layer.group(1)) - start
-        if not 0 <= i < cfg.fusion_layers:
-            return None
-        if layer.group(2).startswith("crossattention.") and i in cfg.connected_layer_indices():
-            return None
-        return f"fusion_encoder.layer.{i}.{layer.group(2)}"
-    if head == "text_decoder":
+        return f"fusion_encoder.layer.{int(layer.group(1)) - _fusion_start(model.config)}.{layer.group(2)}"
+    if head == "text_decoder" and not mom:
         rest = rest.removeprefix("bert.").replace("encoder.layer.", "layer.", 1)
         return f"text_decoder.{rest.replace('cls.predictions.', 'head.', 1)}"
     if head in ("vision_proj", "text_proj", "itm_head"):
@@ -152,22 +163,18 @@ def official_key_map(model: MPlugForPretraining, key: str) -> str | None:
     return None
 
 
-def _mlm_head_key(rest: str) -> str:
-    return "mlm_head." + rest.removeprefix("cls.predictions.")
-
-
 def _convert(
     model: MPlugForPretraining,
     source: Mapping[str, torch.Tensor],
     key_map: Callable[[str], str | None],
-    ignore: tuple[tuple[str, str], ...],
+    unused: Callable[[str], str | None],
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Map every source key; shape-check against the model; return (our state dict, unexpected)."""
     ours = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in source.items():
-        reason = next((why for pattern, why in ignore if re.search(pattern, key)), None)
+        reason = unused(key)
         if reason is not None:
             log.info("ignoring %s (%s)", key, reason)
             continue
@@ -224,28 +231,27 @@ def load_official_checkpoint(
     else is an error naming the key. Returns (missing_keys, unexpected_keys).
     """
     source = {_normalise_official(k): v for k, v in _read_state_dict(path_or_state_dict).items()}
-    converted, unexpected = _convert(model, source, lambda k: official_key_map(model, k), IGNORED)
+    converted, unexpected = _convert(
+        model, source, lambda k: official_key_map(model, k), lambda k: _unused_official(model, k)
+    )
     return _load(model, converted, unexpected)
 
 
 # ---- BERT ---------------------------------------------------------------------------------
 def _read_bert(state_dict_or_dir: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A BERT state dict, or a folder (path or URI) holding model.safetensors or pytorch_model.bin."""
     if isinstance(state_dict_or_dir, Mapping):
         return dict(state_dict_or_dir)
     from safetensors.torch import load as load_safetensors
 
     folder = str(state_dict_or_dir).rstrip("/")
-    for name, reader in (
-        ("model.safetensors", lambda b: load_safetensors(b)),
-        ("pytorch_model.bin", None),
-    ):
-        path = f"{folder}/{name}"
-        fs, fs_path = fsspec.core.url_to_fs(path)
-        if fs.exists(fs_path):
-            with fs.open(fs_path, "rb") as f:
-                if reader is not None:
-                    return reader(f.read())
-                return torch.load(f, map_location="cpu", weights_only=True)
+    fs, root = fsspec.core.url_to_fs(folder)
+    if fs.exists(f"{root}/model.safetensors"):
+        with fs.open(f"{root}/model.safetensors", "rb") as f:
+            return load_safetensors(f.read())
+    if fs.exists(f"{root}/pytorch_model.bin"):
+        with fs.open(f"{root}/pytorch_model.bin", "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder!r}")
 
 
@@ -302,8 +308,10 @@ def init_text_from_bert(
     converted: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in source.items():
-        if re.search(r"(position_ids|cls\.predictions\.decoder\.(weight|bias))$", key):
-            continue  # buffer / tied to the word embeddings
+        if re.search(
+            r"(position_ids|cls\.predictions\.decoder\.(weight|bias))$|(^|\.)pooler\.|seq_relationship", key
+        ):
+            continue  # buffer / tied to the word embeddings / pooler and NSP head mPLUG never runs
         names = [n for n in bert_key_map(model, key) if n in ours]
         if not names:
             unexpected.append(key)
