@@ -432,17 +432,21 @@ def _cfg_json(cfg: IngestConfig) -> str:
     return cfg.model_dump_json(exclude={"aws_access_key_id", "aws_secret_access_key"})
 
 
-def _run_stage(name: str, items: list, fn, fn_kwargs: dict, workers: int, env: dict[str, str]) -> list[dict]:
-    """One Ray Data pass: an item per task, `workers` tasks at a time; returns the tasks' summaries."""
+def _run_stage(
+    name: str, items: list, fn, fn_kwargs: dict, workers: int, env: dict[str, str], tasks: int | None = None
+) -> list[dict]:
+    """One Ray Data pass over `items` in `tasks` tasks (default: one per item), at most `workers`
+    at a time; returns the tasks' summaries."""
     import ray
 
     if not items:
         return []
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    tasks = max(1, min(tasks or len(items), len(items)))
+    ds = ray.data.from_items(items, override_num_blocks=tasks).map_batches(
         fn,
-        batch_size=1,
+        batch_size=None,  # one block (= one task's items) per call
         fn_kwargs=fn_kwargs,
-        compute=ray.data.TaskPoolStrategy(size=max(1, min(workers, len(items)))),
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(workers, tasks))),
         num_cpus=1,
         # Config credentials reach the workers as environment, never inside the item text. A
         # retried task (Ray Data retries failed tasks) rewrites its unit's outputs identically.
@@ -568,8 +572,16 @@ def run_ingest(config: IngestConfig) -> dict:
     t_a = time.perf_counter() - t_a
     rows_this_run = sum(s["read"] for s in summaries)
     if todo_c and cfg.dedupe:
+        # Hashes are small next to images: a group of partitions per task, no more tasks than units.
+        parts = list(range(HASH_PARTITIONS))
         _run_stage(
-            "dedupe", list(range(HASH_PARTITIONS)), _stage_b_batch, {"cfg_json": cfg_json}, workers, env
+            "dedupe",
+            parts,
+            _stage_b_batch,
+            {"cfg_json": cfg_json},
+            workers,
+            env,
+            tasks=min(workers, len(ids)),
         )
     _run_stage("write", todo_c, _stage_c_batch, {"cfg_json": cfg_json}, workers, env)
     stats = collect_stats(cfg, ids)

@@ -14,6 +14,9 @@ Trainer usage (Ray Train V2):
     for batch in it.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=4 * B):
         batch["image"]  # float32 (B, 3, S, S); batch["input_ids"], batch["attention_mask"]: int64 (B, L)
 
+Training rows carry no `key` (strings cannot become tensors); eval rows do, for `take_all` or
+`iter_torch_batches(collate_fn=collate_with_keys)`.
+
 Per-epoch reshuffling: the dataset re-executes each epoch; `randomize_block_order` below is
 seeded with `reseed_after_execution=True`, so each epoch reads blocks in a different, seeded
 order, and `local_shuffle_buffer_size` mixes rows across blocks inside each worker.
@@ -52,7 +55,7 @@ class ImageTextTransform:
 
     Input batch (numpy format): `key`, `image` (encoded bytes), `caption`, optional `question`
     (used as the text where a row has no caption). Output: `image` float32 (B, 3, S, S),
-    `input_ids` / `attention_mask` int64 (B, max_text_len), `key` str.
+    `input_ids` / `attention_mask` int64 (B, max_text_len), and `key` str if `include_key`.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class ImageTextTransform:
         seed: int = 0,
         tokenizer_path: str | None = None,
         swap_left_right_on_flip: bool = True,
+        include_key: bool = True,
     ) -> None:
         if image_size <= 0 or max_text_len <= 0:
             raise ValueError(f"image_size={image_size} and max_text_len={max_text_len} must be positive")
@@ -70,6 +74,7 @@ class ImageTextTransform:
         self.max_text_len = max_text_len
         self.train = train
         self.swap_left_right_on_flip = swap_left_right_on_flip
+        self.include_key = include_key
         self.tokenizer = load_tokenizer(tokenizer_path)
         bicubic = T.InterpolationMode.BICUBIC
         if train:
@@ -111,12 +116,23 @@ class ImageTextTransform:
         tokens = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.max_text_len, return_tensors="np"
         )
-        return {
+        out = {
             "image": torch.stack(images).numpy(),
             "input_ids": tokens["input_ids"].astype(np.int64),
             "attention_mask": tokens["attention_mask"].astype(np.int64),
-            "key": np.asarray([str(k) for k in batch["key"]], dtype=object),
         }
+        if self.include_key:
+            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+        return out
+
+
+def collate_with_keys(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor | list[str]]:
+    """`iter_torch_batches(collate_fn=...)` for keyed rows: tensors for every numeric column and
+    `key` as a list of str (Ray leaves device transfer to the caller for such mixed batches)."""
+    out: dict[str, torch.Tensor | list[str]] = {k: torch.as_tensor(v) for k, v in batch.items() if k != "key"}
+    if "key" in batch:
+        out["key"] = [str(k) for k in batch["key"]]
+    return out
 
 
 def processed_files(data_uris: list[str]) -> list[str]:
@@ -144,12 +160,17 @@ def training_dataset(
     tokenizer_path: str | None = None,
     batch_size: int = 32,
     max_actors: int | None = None,
+    include_key: bool | None = None,
 ):
     """A Ray Dataset of fixed-shape training (or eval) rows from ingest outputs.
 
     `data_uris` are ingest OUTPUT URIs (their `data/*.parquet` are read; a list mixes corpora,
     which must share one storage scheme). `batch_size` is the transform's batch, not the
     trainer's; `max_actors` caps the CPU actor pool (default: up to 8).
+
+    `include_key` (default: only for eval) keeps the string `key` column. `iter_torch_batches`
+    cannot turn strings into tensors, so training rows leave it out; to iterate keyed rows as
+    torch batches pass `collate_fn=collate_with_keys` (and move tensors to the device yourself).
     """
     import ray
 
@@ -158,11 +179,21 @@ def training_dataset(
     if len(schemes) > 1:
         raise ValueError(f"data_uris mix storage schemes {sorted(schemes)}; copy them to one store first")
     fs, _ = storage.pyarrow_fs(files[0])
+    # A block per shard file: Ray would otherwise pack small files into one block, and the
+    # per-worker split balances rows only at block granularity.
     ds = ray.data.read_parquet(
-        [storage.pyarrow_fs(f)[1] for f in files], filesystem=fs, columns=STREAM_COLUMNS
+        [storage.pyarrow_fs(f)[1] for f in files],
+        filesystem=fs,
+        columns=STREAM_COLUMNS,
+        override_num_blocks=len(files),
     )
+    # Blocks of about one transform batch: Ray splits the stream between Train workers only at
+    # block boundaries, so 128 MiB default blocks would hand a small corpus to a single worker.
+    row_bytes = 3 * image_size * image_size * 4 + 2 * max_text_len * 8
+    ds.context.target_max_block_size = row_bytes * batch_size
     if train:
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    keep_key = (not train) if include_key is None else include_key
     actors = max_actors or max(1, min(8, int(ray.cluster_resources().get("CPU", 1)) // 2))
     return ds.map_batches(
         ImageTextTransform,
@@ -172,6 +203,7 @@ def training_dataset(
             "train": train,
             "seed": seed,
             "tokenizer_path": tokenizer_path,
+            "include_key": keep_key,
         },
         batch_size=batch_size,
         batch_format="numpy",

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mplug.tokenizer import load_tokenizer
-from pipelines.data.stream import CLIP_MEAN, CLIP_STD, ImageTextTransform, swap_left_right
+from pipelines.data.stream import CLIP_MEAN, CLIP_STD, ImageTextTransform, collate_with_keys, swap_left_right
 
 pytestmark = pytest.mark.unit
 
@@ -78,3 +78,15 @@ def test_flip_swaps_left_and_right_words_only() -> None:
 def test_bad_sizes_are_named() -> None:
     with pytest.raises(ValueError, match="image_size=0"):
         ImageTextTransform(image_size=0, max_text_len=8)
+
+
+def test_training_rows_can_leave_out_the_string_key_and_keyed_rows_collate() -> None:
+    batch = batch_of([(1, 2, 3)], ["x"])
+    unkeyed = ImageTextTransform(image_size=16, max_text_len=8, train=False, include_key=False)(batch)
+    assert set(unkeyed) == {"image", "input_ids", "attention_mask"}
+    keyed = collate_with_keys(ImageTextTransform(image_size=16, max_text_len=8, train=False)(batch))
+    assert (
+        keyed["key"] == ["k0"]
+        and keyed["image"].dtype == torch.float32
+        and keyed["input_ids"].shape == (1, 8)
+    )

@@ -1,0 +1,139 @@
+"""Ingest throughput (rows/s) on 500×400 JPEGs against the limit measured in the same run.
+
+Limit: a single-process loop over the same images calling the same per-row function the Ray
+workers run (`pipelines.data.image.process_image`: decode, validate, EXIF, RGB, resize,
+re-encode), times the cores the ingest uses. Ray: `run_ingest` over the same images stored as
+img2dataset-style parquet shards, with `num_workers` = those cores; reported both for the decode
+stage alone and for the whole job (decode + dedupe + write + Ray scheduling).
+
+    .venv/bin/python -m benchmarks.ingest_throughput --rows 1200 --shards 12 --cores 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw
+
+
+def photo_like_jpeg(rng: np.random.Generator, width: int = 500, height: int = 400) -> bytes:
+    """Smooth gradients, a few shapes and mild noise: compresses like a photo (~30-60 KB)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = rng.uniform(40, 200, size=3)
+    slope = rng.uniform(-0.15, 0.15, size=(2, 3))
+    pixels = base + x[..., None] * slope[0] + y[..., None] * slope[1] + rng.normal(0, 6, (height, width, 3))
+    im = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(im)
+    for _ in range(4):
+        x0, y0 = rng.integers(0, width - 60), rng.integers(0, height - 60)
+        size = int(rng.integers(30, 150))
+        draw.ellipse((x0, y0, x0 + size, y0 + size), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_corpus(folder: str, rows: int, shards: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    images = [photo_like_jpeg(rng) for _ in range(rows)]
+    per = -(-rows // shards)
+    os.makedirs(folder, exist_ok=True)
+    for s in range(shards):
+        chunk = range(s * per, min(rows, (s + 1) * per))
+        table = pa.table(
+            {
+                "key": [f"{i:08d}" for i in chunk],
+                "jpg": [images[i] for i in chunk],
+                "caption": [f"A photo number {i}, with shapes." for i in chunk],
+                "status": ["success"] * len(chunk),
+            }
+        )
+        pq.write_table(table, os.path.join(folder, f"{s:05d}.parquet"))
+    return images
+
+
+def single_process_rate(images: list[bytes], image_size: int) -> float:
+    from pipelines.data.image import ImageLimits, process_image
+
+    limits = ImageLimits(resolution=image_size)
+    process_image(images[0], limits)  # warm-up
+    t0 = time.perf_counter()
+    for data in images:
+        process_image(data, limits)
+    return len(images) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1200)
+    parser.add_argument("--shards", type=int, default=12, help="input files = ingest work units")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPUs the ingest may use")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    from pipelines.cluster import init_ray, quiet_ray_data
+    from pipelines.data.ingest import IngestConfig, run_ingest
+
+    work = tempfile.mkdtemp(prefix="ingest_bench_")
+    try:
+        t0 = time.perf_counter()
+        images = write_corpus(os.path.join(work, "raw"), args.rows, args.shards, args.seed)
+        mean_kb = sum(map(len, images)) / len(images) / 1024
+        print(
+            f"corpus: {args.rows} JPEGs 500x400 (mean {mean_kb:.0f} KB) in {args.shards} shards, {time.perf_counter() - t0:.1f}s"
+        )
+        load_before = os.getloadavg()[0]
+        single = single_process_rate(images, args.image_size)
+        limit = single * args.cores
+        print(
+            f"single-process decode+resize: {single:.1f} rows/s → limit {limit:.1f} rows/s on {args.cores} cores"
+        )
+
+        init_ray("local", num_cpus=args.cores)
+        quiet_ray_data()
+        cfg = IngestConfig(
+            input=os.path.join(work, "raw"),
+            format="parquet",
+            output=os.path.join(work, "out"),
+            image_size=args.image_size,
+            num_workers=args.cores,
+        )
+        stats = run_ingest(cfg)
+        assert stats["written"] == args.rows, stats
+        result = {
+            "rows": args.rows,
+            "shards": args.shards,
+            "cores": args.cores,
+            "image_size": args.image_size,
+            "mean_input_kb": round(mean_kb, 1),
+            "single_process_rows_per_s": round(single, 1),
+            "limit_rows_per_s": round(limit, 1),
+            "ray_decode_stage_rows_per_s": stats["decode_rows_per_s"],
+            "ray_job_rows_per_s": stats["rows_per_s"],
+            "decode_stage_vs_limit": round(stats["decode_rows_per_s"] / limit, 3),
+            "job_vs_limit": round(stats["rows_per_s"] / limit, 3),
+            "elapsed_s": stats["elapsed_s"],
+            "loadavg_1m_before": round(load_before, 1),
+            "loadavg_1m_after": round(os.getloadavg()[0], 1),
+        }
+        print(json.dumps(result, indent=2))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
