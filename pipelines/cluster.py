@@ -25,7 +25,7 @@ def local_logical_cpus() -> int:
     return max(MIN_LOCAL_LOGICAL_CPUS, (os.cpu_count() or 1) * LOCAL_CPU_OVERSUBSCRIPTION)
 
 
-def init_ray(address: str | None = None, *, quiet: bool = True, num_cpus: int | None = None) -> ClusterInfo:
+def init_ray(address: str | None = None, *, quiet: bool = False, num_cpus: int | None = None) -> ClusterInfo:
     """Join `address` (or $RAY_ADDRESS); with neither, start a local instance sized not to starve.
 
     `address="local"` always starts a fresh local instance.

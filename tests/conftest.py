@@ -135,7 +135,7 @@ def ray_session(s3_endpoint: str) -> Iterator[None]:
 
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    init_ray("local", num_cpus=8)
+    init_ray("local", num_cpus=8, quiet=True)
     quiet_ray_data()
     try:
         yield

@@ -16,6 +16,10 @@ from pipelines.train.loop import TrainPlan, storage_run_uri, train_loop_per_work
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
+# What the loop feeds the model; everything else the stream carries stays behind.
+TRAIN_COLUMNS = ("image", "input_ids", "attention_mask")
+
+
 def build_model_config(job: PretrainConfig):
     """The MPlugConfig this job trains; an invalid preset/override combination raises here."""
     from mplug import MPlugConfig
@@ -110,7 +114,7 @@ def run_pretraining(job: PretrainConfig, *, address: str | None = None, autoscal
         max_text_len=model_cfg.max_text_len,
         train=True,
         seed=job.run.seed,
-    )
+    ).select_columns(list(TRAIN_COLUMNS))  # `key` (a string) cannot become a tensor
     fs, path = storage.pyarrow_fs(job.run.storage)
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     trainer = TorchTrainer(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pipelines.train.checkpoint import TrainState, load_state, save_state
 from pipelines.train.config import PretrainConfig
@@ -41,11 +43,32 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
+def synced_batches(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
+    """Yield batches while EVERY rank still has one.
+
+    Shards are complete, not equal (see `train_data_config`): one rank may run out a batch
+    early. A rank that stopped alone would leave the others blocked in DDP's all-reduce, so all
+    ranks agree each step (one 1-element all-reduce) and end the epoch together.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if distributed:
+            flag = torch.tensor([0 if batch is None else 1], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if int(flag.item()) == 0:
+                return
+        elif batch is None:
+            return
+        yield batch
+
+
 def train_loop_per_worker(plan_dict: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from mplug import MPlugConfig, MPlugForPretraining
+    from mplug import MPlugConfig, MPlugForPretraining, init_text_from_bert
 
     plan = TrainPlan(**plan_dict)
     job = PretrainConfig.model_validate(plan.job)
@@ -58,7 +81,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     if job.model.init_text_from_packaged_bert:
         from mplug.tokenizer import packaged_model_dir
 
-        model.init_text_from_bert(str(packaged_model_dir()))
+        init_text_from_bert(model, packaged_model_dir())
     if job.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
@@ -69,6 +92,8 @@ def train_loop_per_worker(plan_dict: dict) -> None:
             loaded = load_state(Path(d), rank=rank)
         model.load_state_dict(loaded.model_state)
         state, optim_state = loaded.state, loaded.optim_state
+        state.resumed_from.append(state.step)
+        state.world_size = world
         if rank == 0:
             print(f"[mplug] resumed from step {state.step} (checkpoint {checkpoint.path})", flush=True)
 
@@ -108,7 +133,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         )
         meter.batch_arrived()
         step_at_epoch_start = state.step
-        for batch in batches:
+        for batch in synced_batches(batches, device):
             meter.batch_arrived()
             alpha = cfg.distill_alpha * min(1.0, state.step / max(1, plan.alpha_ramp_steps))
             last_micro = micro == accum - 1

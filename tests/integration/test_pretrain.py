@@ -1,0 +1,207 @@
+"""Distributed pretraining on the shared Ray instance, reading and checkpointing to moto S3.
+
+One processed corpus (synthetic, ingested to S3) is shared by the tests of this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from pipelines import storage
+from pipelines.train.config import ConfigError, load_config
+from pipelines.train.launch import run_pretraining
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def corpus_uri(ray_session, s3_endpoint, tmp_path_factory) -> str:
+    """A tiny processed corpus on S3: synth → ingest, as a user would produce it."""
+    import boto3
+    from pipelines.data.ingest import IngestConfig, run_ingest
+
+    from pipelines.data.synth import render_corpus
+
+    bucket = "pretrain-corpus"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    raw = render_corpus(f"s3://{bucket}/raw", num=160, fmt="parquet", seed=1, image_size=64)
+    out = f"s3://{bucket}/processed/train"
+    run_ingest(
+        IngestConfig(input=raw["train"], format="parquet", output=out, image_size=64, min_image_size=32)
+    )
+    return out
+
+
+def tiny_job(corpus_uri: str, storage_uri: str, name: str, **overrides):
+    sets = {
+        "data.uris": [corpus_uri],
+        "data.batch_size": 8,
+        "run.storage": storage_uri,
+        "run.name": name,
+        "run.log_every": 2,
+        "optim.warmup_steps": 2,
+        "scaling.num_workers": 2,
+        "scaling.cpus_per_worker": 1,
+    }
+    sets.update(overrides)
+    return load_config("jobs/configs/pretrain_tiny.yaml", sets)
+
+
+def checkpoint_dirs(run_uri: str) -> list[str]:
+    fs, path = storage.pyarrow_fs(run_uri)
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.base_name.startswith("checkpoint_"))
+
+
+def final_state(run_uri: str) -> dict:
+    latest = checkpoint_dirs(run_uri)[-1]
+    return json.loads(storage.read_text(storage.join(run_uri, latest, "train_state.json")))
+
+
+def test_two_workers_train_from_s3_and_export_loadable_model(corpus_uri, s3_bucket):
+    from pipelines.eval.retrieval import load_pretrained
+
+    job = tiny_job(
+        corpus_uri, s3_bucket.uri("runs"), "basic", **{"run.max_steps": 4, "run.checkpoint_every": 2}
+    )
+    result = run_pretraining(job)
+    assert result.error is None
+    run_uri = s3_bucket.uri("runs", "basic")
+    assert checkpoint_dirs(run_uri) == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert final_state(run_uri)["step"] == 4
+    rows = storage.read_text(storage.join(run_uri, "metrics.csv")).strip().splitlines()
+    assert rows[0].startswith("step,") and len(rows) == 1 + 2  # logged at steps 2 and 4
+    assert storage.read_bytes(storage.join(run_uri, "curves.png"))[:4] == b"\x89PNG"
+    model = load_pretrained(storage.join(run_uri, "final"))
+    assert model.config.max_text_len == job_text_len(job)
+    batch = model.example_inputs(2)
+    out = model(**batch)
+    assert out.loss.isfinite()
+
+
+def job_text_len(job) -> int:
+    from pipelines.train.launch import build_model_config
+
+    return build_model_config(job).max_text_len
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_bucket):
+    max_steps = 16
+    job = tiny_job(
+        corpus_uri,
+        s3_bucket.uri("runs"),
+        "killed",
+        **{"run.max_steps": max_steps, "run.checkpoint_every": 4, "run.max_failures": 2},
+    )
+    run_uri = s3_bucket.uri("runs", "killed")
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(job)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not checkpoint_dirs(run_uri):
+        assert time.monotonic() < deadline and thread.is_alive(), "no first checkpoint"
+        time.sleep(0.2)
+    pids = _train_worker_pids()
+    assert pids, "found no Ray Train worker process to kill"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    result = outcome["result"]
+    assert result.error is None
+    state = final_state(run_uri)
+    assert state["step"] == max_steps
+    assert len(state["resumed_from"]) >= 1 and state["resumed_from"][0] >= 4
+    steps = [
+        float(r.split(",")[0])
+        for r in storage.read_text(storage.join(run_uri, "metrics.csv")).splitlines()[1:]
+    ]
+    # The curve continues where the checkpoint left it: every logged step once, in order.
+    assert steps == sorted(set(steps)) and steps[-1] == max_steps
+
+
+def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
+    """The driver process is SIGKILLed after the first checkpoint; the same command resumes."""
+    import ray
+
+    storage_uri = str(tmp_path / "runs")
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "pretrain",
+        "--config",
+        "pretrain_tiny",
+        "--data",
+        corpus_uri,
+        "--storage",
+        storage_uri,
+        "--name",
+        "relaunch",
+        "--max-steps",
+        "12",
+        "--checkpoint-every",
+        "4",
+        "--batch-size",
+        "8",
+        "--set",
+        "run.log_every=2",
+        "--address",
+        ray.get_runtime_context().gcs_address,
+    ]
+    run_uri = storage.join(storage_uri, "relaunch")
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint_dirs(run_uri):
+        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no first checkpoint"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from step" in second.stdout + second.stderr
+    state = final_state(run_uri)
+    assert state["step"] == 12 and state["resumed_from"] and state["resumed_from"][0] >= 4
+
+
+def test_bad_config_fails_before_any_worker(corpus_uri, tmp_path):
+    with pytest.raises(ConfigError, match="fusion_mode"):
+        run_pretraining(
+            tiny_job(
+                corpus_uri,
+                str(tmp_path),
+                "bad",
+                **{"model.overrides": {"fusion_mode": "sideways"}, "run.max_steps": 2},
+            )
+        )
+    with pytest.raises(ConfigError, match="no stats.json"):
+        run_pretraining(tiny_job(str(tmp_path / "nothing"), str(tmp_path), "bad2", **{"run.max_steps": 2}))
+    # Nothing was started: Ray Train never created the run folder.
+    assert not os.path.exists(tmp_path / "bad") and not os.path.exists(tmp_path / "bad2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "pretrain", "--config", "pretrain_tiny", "--set", "optim.lr=-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "optim.lr" in proc.stderr
