@@ -27,8 +27,8 @@ pytestmark = pytest.mark.integration
 def corpus_uri(ray_session, s3_endpoint, tmp_path_factory) -> str:
     """A tiny processed corpus on S3: synth → ingest, as a user would produce it."""
     import boto3
-    from pipelines.data.ingest import IngestConfig, run_ingest
 
+    from pipelines.data.ingest import IngestConfig, run_ingest
     from pipelines.data.synth import render_corpus
 
     bucket = "pretrain-corpus"
