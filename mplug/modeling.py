@@ -98,7 +98,8 @@ class MPlugForPretraining(MPlugPreTrainedModel):
 
     Parameter groups: every ViT parameter lives under `visual_encoder.`; the visual adapter
     (large) is separate, under `visual_adapter.` (newly initialised, so it takes the main lr).
-    Momentum copies end in `_m` and never require grad.
+    Momentum copies end in `_m` and never require grad. The ITC image embedding projects the
+    CLS visual token after the adapter (text width), the text embedding the text encoder's CLS.
     """
 
     def __init__(self, config: MPlugConfig) -> None:
@@ -253,7 +254,7 @@ class MPlugForPretraining(MPlugPreTrainedModel):
                 text_all, _ = gather_features(text_feat_m)
             loss_itc = itc_loss(
                 image_feat, text_feat, image_all, text_all,
-                self.image_queue.clone().detach(), self.text_queue.clone().detach(),
+                self.image_queue, self.text_queue,  # itc_loss concatenates: autograd never holds the queues
                 offset, temp, alpha, image_feat_m, text_feat_m,
             )  # fmt: skip
             sim_i2t = image_feat @ text_feat.t() / temp  # (B, B) in-batch, for hard negatives
@@ -404,6 +405,12 @@ class MPlugForPretraining(MPlugPreTrainedModel):
             "input_ids": ids.to(dev),
             "attention_mask": mask.to(dev),
         }
+
+    def init_text_from_bert(self, state_dict_or_dir: Any) -> Any:
+        """Same as `mplug.official.init_text_from_bert(self, state_dict_or_dir)`."""
+        from mplug.official import init_text_from_bert  # official.py imports this module
+
+        return init_text_from_bert(self, state_dict_or_dir)
 
     def num_parameters_without_momentum(self) -> int:
         """Parameters a training step uses: everything except the `_m` momentum copies."""

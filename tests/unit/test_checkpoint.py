@@ -280,7 +280,7 @@ def test_mini_initialises_from_packaged_minilm() -> None:
     torch.manual_seed(0)
     model = MPlugForPretraining(MPlugConfig.preset("mini", queue_size=16))
     folder = packaged_model_dir()
-    missing, unexpected = init_text_from_bert(model, folder)
+    missing, unexpected = model.init_text_from_bert(folder)
     assert unexpected == []
     # MiniLM is a bare BertModel (no MLM head): cross-attention and the LM heads stay new.
     assert missing and all(
