@@ -59,7 +59,7 @@ ITM_PAIRS_PER_SAMPLE = 3
 
 
 # ---------------------------------------------------------------------------------------------------
-# Building blocks (all exact integers; callers convert to float at the edge)
+# Building blocks (exact integers for integer token counts; the part functions return floats)
 # ---------------------------------------------------------------------------------------------------
 
 

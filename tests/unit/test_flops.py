@@ -1,8 +1,9 @@
 """Analytic FLOPs (`mplug.flops`) against hand-computed values and against what torch dispatches.
 
 The independent measurement is `torch.utils.flop_counter.FlopCounterMode` (through
-`mplug.flops.measured_flops`) run on real modules: timm's ViT, transformers' BERT and the project's
-`FusionEncoder`, at small widths so the tests stay fast.
+`mplug.flops.measured_flop_counts`) run on the project's real modules: the CLIP ViT and adapter, the
+text encoder, the decoder, `FusionEncoder` in every mode and a whole `MPlugForPretraining` forward, at
+the tiny preset's widths so the tests stay fast.
 """
 
 from __future__ import annotations
