@@ -4,15 +4,16 @@ Three stages, each a Ray Data `map_batches` over small work items (the data itse
 through the driver; workers read and write storage directly):
 
 A. per *unit* (one input file, or one chunk of an annotation/URL list): read, (download),
-   decode, validate, resize, clean captions. Writes the unit's clean rows to
-   `_staging/{unit}.parquet`, its rejects to `rejects/{unit}.parquet`, the (key, content hash) of
+   decode, validate, resize, clean captions. Writes the unit's clean rows, cut into shards of
+   ≤ rows_per_shard rows, to `_staging/{unit}-{n:05d}.parquet`, its rejects to `rejects/{unit}.parquet`, the (key, content hash) of
    each clean row into 16 hash partitions `_state/hashes/p{h}/{unit}.parquet`, and last a marker
    `_state/a/{unit}.json` with its counts.
 B. per hash partition: exact duplicates (same image bytes, same cleaned caption and question)
    meet in one partition; the smallest (key, unit, row) is kept, the others are listed in
    `_state/dups/p{h}.parquet`. A global step without a full shuffle: only hashes move.
-C. per unit: drop the listed duplicates, write `data/{unit}-{n:05d}.parquet` (≤ rows_per_shard
-   rows each) and `rejects/{unit}-duplicates.parquet`, then the marker `_state/c/{unit}.json`.
+C. per unit: publish each staged shard to `data/{unit}-{n:05d}.parquet` — copied as is (server-side
+   on S3) unless it holds a listed duplicate, then filtered and rewritten — write
+   `rejects/{unit}-duplicates.parquet`, then the marker `_state/c/{unit}.json`.
 
 Every output name is a function of the unit id and every stage is deterministic, so a re-run
 of an interrupted ingest skips units whose markers exist, redoes the rest, overwrites partial
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 
 INPUT_FORMATS = ("parquet", "webdataset", "json", "urls")
 HASH_PARTITIONS = 16  # one per leading hex digit of the content hash
-STAGING_SCHEMA = DATA_SCHEMA.append(pa.field("_dedup", pa.string())).append(pa.field("_row", pa.int64()))
 HASH_SCHEMA = pa.schema(
     [("key", pa.string()), ("_dedup", pa.string()), ("_unit", pa.string()), ("_row", pa.int64())]
 )
@@ -279,8 +279,11 @@ class Layout:
     def path(self, *parts: str) -> str:
         return storage.join(self.output, *parts)
 
-    def staging(self, unit: str) -> str:
-        return self.path("_staging", f"{unit}.parquet")
+    def staging(self, unit: str, chunk: int) -> str:
+        return self.path("_staging", f"{unit}-{chunk:05d}.parquet")
+
+    def data(self, unit: str, chunk: int) -> str:
+        return self.path("data", f"{unit}-{chunk:05d}.parquet")
 
     def marker(self, stage: str, unit: str) -> str:
         return self.path("_state", stage, f"{unit}.json")
@@ -309,10 +312,14 @@ def stage_a(unit: readers.Unit, cfg: IngestConfig, cols: readers.Columns | None)
     """Process one unit and write its staging, rejects, hash partitions and marker."""
     lay = Layout(cfg.output)
     res = process_unit_records(unit, cfg, cols)
-    for row in res.good:
-        row["_unit"] = unit.unit_id
-    staged = pa.Table.from_pylist(res.good, schema=STAGING_SCHEMA)
-    _write_table(lay.staging(unit.unit_id), staged)
+    # Clean rows are staged already cut into the final shards; `_row` (in the hashes) is a row's
+    # position among the unit's clean rows, so stage C knows which shard holds a duplicate.
+    for position, row in enumerate(res.good):
+        row["_row"] = position
+    staged = pa.Table.from_pylist(res.good, schema=DATA_SCHEMA)
+    chunks = 0
+    for chunks, start in enumerate(range(0, staged.num_rows, cfg.rows_per_shard), start=1):
+        _write_table(lay.staging(unit.unit_id, chunks - 1), staged.slice(start, cfg.rows_per_shard))
     if res.rejects:
         _write_table(lay.path("rejects", f"{unit.unit_id}.parquet"), rejects_table(res.rejects))
     if cfg.dedupe:
@@ -330,6 +337,7 @@ def stage_a(unit: readers.Unit, cfg: IngestConfig, cols: readers.Columns | None)
         "unit": unit.unit_id,
         "read": res.read,
         "good": len(res.good),
+        "chunks": chunks,
         "rejected_by_reason": dict(Counter(r["reason"] for r in res.rejects)),
         "bytes_read": res.bytes_read,
         "downloads": dict(res.downloads),
@@ -373,36 +381,46 @@ def stage_b(part: int, cfg: IngestConfig) -> dict:
 
 
 def stage_c(unit_id: str, cfg: IngestConfig) -> dict:
-    """Write one unit's clean shards without its duplicates, and its duplicate rejects."""
+    """Publish one unit's staged shards without its duplicates, and its duplicate rejects.
+
+    A shard with no duplicate is copied as is (a server-side copy on S3: the image bytes are not
+    downloaded again); only shards holding a duplicate are read, filtered and rewritten."""
     lay = Layout(cfg.output)
-    staged = _read_table(lay.staging(unit_id))
-    dup_rows: dict[int, str] = {}
+    staged = json.loads(storage.read_text(lay.marker("a", unit_id)))
+    dups: dict[int, tuple[str, str]] = {}  # position among clean rows → (its key, key kept)
     if cfg.dedupe:
         for part in range(HASH_PARTITIONS):
             if not storage.exists(lay.dups(part)):
                 continue
-            dups = _read_table(lay.dups(part))
-            mine = dups.filter(pc.equal(dups.column("_unit"), unit_id))
-            dup_rows.update(zip(mine.column("_row").to_pylist(), mine.column("kept").to_pylist()))
-    is_dup = np.isin(
-        staged.column("_row").to_numpy(), np.fromiter(dup_rows, dtype=np.int64, count=len(dup_rows))
-    )
-    clean = staged.filter(pa.array(~is_dup)).select(DATA_SCHEMA.names).cast(DATA_SCHEMA)
+            table = _read_table(lay.dups(part))
+            mine = table.filter(pc.equal(table.column("_unit"), unit_id)).to_pylist()
+            dups.update({d["_row"]: (d["key"], d["kept"]) for d in mine})
+    if not storage.is_remote(cfg.output):
+        storage.ensure_dir(lay.path("data"))  # object stores have no folders to create
     bytes_written = 0
-    for n, start in enumerate(range(0, clean.num_rows, cfg.rows_per_shard)):
-        shard = clean.slice(start, cfg.rows_per_shard)
-        bytes_written += _write_table(lay.path("data", f"{unit_id}-{n:05d}.parquet"), shard)
-    if dup_rows:
-        rows_by_row = dict(zip(staged.column("_row").to_pylist(), staged.column("key").to_pylist()))
+    for chunk in range(staged["chunks"]):
+        src, dst = lay.staging(unit_id, chunk), lay.data(unit_id, chunk)
+        first = chunk * cfg.rows_per_shard
+        drop = [r - first for r in dups if first <= r < first + cfg.rows_per_shard]
+        if not drop:
+            fs, src_path = storage.pyarrow_fs(src)
+            fs.copy_file(src_path, storage.pyarrow_fs(dst)[1])
+            bytes_written += fs.get_file_info(src_path).size
+            continue
+        table = _read_table(src)
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[drop] = False
+        bytes_written += _write_table(dst, table.filter(pa.array(keep)))
+    if dups:
         rejects = [
-            {"key": rows_by_row[r], "reason": "duplicate", "detail": f"same image and text as key {k!r}"}
-            for r, k in sorted(dup_rows.items())
+            {"key": key, "reason": "duplicate", "detail": f"same image and text as key {kept!r}"}
+            for _, (key, kept) in sorted(dups.items())
         ]
         _write_table(lay.path("rejects", f"{unit_id}-duplicates.parquet"), rejects_table(rejects))
     summary = {
         "unit": unit_id,
-        "written": clean.num_rows,
-        "duplicates": len(dup_rows),
+        "written": staged["good"] - len(dups),
+        "duplicates": len(dups),
         "bytes_written": bytes_written,
     }
     storage.write_text(lay.marker("c", unit_id), json.dumps(summary))  # commit point
@@ -547,7 +565,12 @@ def run_ingest(config: IngestConfig) -> dict:
     todo_a = [
         u
         for u in units
-        if u.unit_id not in done_a or (u.unit_id in todo_c and not storage.exists(lay.staging(u.unit_id)))
+        if u.unit_id not in done_a
+        or (
+            u.unit_id in todo_c
+            and done_a[u.unit_id]["chunks"]
+            and not storage.exists(lay.staging(u.unit_id, 0))
+        )
     ]
     log.info(
         "ingest %s (%s) → %s: %d units, %d to process, %d workers",

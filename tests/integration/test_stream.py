@@ -43,7 +43,7 @@ def test_two_workers_get_disjoint_complete_shards(two_corpora: list[str], tmp_pa
     from ray.train.torch import TorchTrainer
 
     ds = training_dataset(
-        two_corpora, image_size=32, max_text_len=16, train=True, include_key=True, batch_size=4
+        two_corpora, image_size=32, max_text_len=16, train=True, include_key=True, batch_size=4, max_actors=2
     )
 
     def loop(config: dict) -> None:
@@ -75,13 +75,13 @@ def test_two_workers_get_disjoint_complete_shards(two_corpora: list[str], tmp_pa
 
 
 def test_eval_stream_is_deterministic_and_training_rows_feed_torch(two_corpora: list[str]) -> None:
-    eval_ds = training_dataset(two_corpora[1:], image_size=32, max_text_len=16, train=False)
+    eval_ds = training_dataset(two_corpora[1:], image_size=32, max_text_len=16, train=False, max_actors=1)
     first = {r["key"]: r for r in eval_ds.take_all()}
     second = {r["key"]: r for r in eval_ds.take_all()}
     assert len(first) == 18 and set(first) == set(second)
     for key, row in first.items():
         np.testing.assert_array_equal(row["image"], second[key]["image"])
         assert row["image"].dtype == np.float32 and row["input_ids"].dtype == np.int64
-    train_ds = training_dataset(two_corpora, image_size=32, max_text_len=16, train=True)
+    train_ds = training_dataset(two_corpora, image_size=32, max_text_len=16, train=True, max_actors=1)
     batch = next(iter(train_ds.iter_torch_batches(batch_size=8, drop_last=True)))
     assert set(batch) == {"image", "input_ids", "attention_mask"} and batch["image"].shape == (8, 3, 32, 32)

@@ -78,19 +78,18 @@ def test_coco_style_caption_lists_are_not_duplicates_but_repeats_are(tmp_path: P
     ]
     (tmp_path / "ann.json").write_text(json.dumps(ann))
     cfg = IngestConfig(input=str(tmp_path / "ann.json"), format="json", output=str(tmp_path / "out"),
-                       image_root=str(tmp_path), image_size=32)  # fmt: skip
+                       image_root=str(tmp_path), image_size=32, rows_per_shard=2)  # fmt: skip
     stats = ingest_in_process(cfg)
     assert (stats["read"], stats["written"], stats["rejected_by_reason"]["duplicate"]) == (4, 3, 1)
+    # Shard 0 (two clean rows) is published as staged; shard 1 loses its duplicate.
+    shards = sorted((tmp_path / "out" / "data").glob("*.parquet"))
+    assert [pq.read_metadata(f).num_rows for f in shards] == [2, 1]
     rows = {r["key"]: r for r in read_dir(tmp_path / "out" / "data").to_pylist()}
     assert set(rows) == {"ann-00000-000000#0", "ann-00000-000000#1", "ann-00000-000002"}
     vqa = rows["ann-00000-000002"]
     assert vqa["question"] == "what colour" and vqa["answers"] == ["red", "crimson"]
-    assert vqa["answer_weights"] == pytest.approx([2 / 3, 1 / 3]) and vqa["bbox"] == [
-        0,
-        0,
-        16,
-        16,
-    ]  # scaled 64→32
+    assert vqa["answer_weights"] == pytest.approx([2 / 3, 1 / 3])
+    assert vqa["bbox"] == [0, 0, 16, 16]  # scaled with the image, 64 → 32
     assert read_dir(tmp_path / "out" / "rejects").to_pylist() == [
         {"key": "zz", "reason": "duplicate", "detail": "same image and text as key 'ann-00000-000000#0'"}
     ]
