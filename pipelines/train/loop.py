@@ -116,6 +116,12 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         load_optim_state(model, optimizer, optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
 
+    if rank == 0:
+        print(
+            f"[mplug] {world} worker(s) on {device}, {torch.get_num_threads()} torch threads each, "
+            f"{plan.total_steps} steps of {job.data.batch_size * job.optim.grad_accum_steps * world} samples",
+            flush=True,
+        )
     peak = peak_flops(device)
     accum = job.optim.grad_accum_steps
     global_batch = job.data.batch_size * accum * world
