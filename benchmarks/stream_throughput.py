@@ -1,9 +1,9 @@
 """Training-stream throughput (batches/s) against the limit measured in the same run.
 
-Limit: a single-process loop calling the same UDF the Ray actors run
+Limit: a single-process loop calling the same UDF the Ray tasks run
 (`pipelines.data.stream.ImageTextTransform`: JPEG decode, RandomResizedCrop + flip +
 RandAugment, CLIP normalisation, tokenisation) on the same rows, times the cores used. Ray:
-`training_dataset(...).iter_torch_batches(...)` with an actor pool of that many actors, consumed
+`training_dataset(...).iter_torch_batches(...)` with that many concurrent transform tasks, consumed
 by the driver as a trainer would consume its shard.
 
     .venv/bin/python -m benchmarks.stream_throughput --rows 512 --cores 2
@@ -79,7 +79,7 @@ def main() -> None:
         # The machine is shared: the limit is the mean of runs before and after the Ray run.
         single_before = single_process_rate()
 
-        # One more CPU than the actors for the driver consuming the stream (the trainer's role).
+        # One more CPU than the transform tasks for the driver consuming the stream (the trainer's role).
         init_ray("local", num_cpus=args.cores + 1)
         quiet_ray_data()
         ds = training_dataset(
@@ -90,7 +90,7 @@ def main() -> None:
             batch_size=args.batch_size,
             max_actors=args.cores,
         )
-        # Epoch 1 warms the actor pool (tokenizer load, imports); epoch 2 is measured.
+        # Epoch 1 warms the task workers (imports, tokenizer load, cached transform); epoch 2 is measured.
         for epoch in range(2):
             t0 = time.perf_counter()
             n = 0
