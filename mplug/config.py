@@ -176,7 +176,11 @@ class MPlugConfig(PreTrainedConfig):
         embed_dim: width of the ITC embeddings.
         temperature: initial ITC temperature (learnable, clamped to [0.001, 0.5]).
         momentum: EMA coefficient of the momentum encoders.
-        queue_size: length of the image and text feature queues.
+        queue_size: length of the image and text feature queues; 0 means no queue (negatives
+            are the gathered batch only). Training from scratch for a few hundred steps needs 0:
+            while the towers still map every input to nearly the same feature, stale queued
+            keys give the query a direction to flee that is not alignment, and ITC collapses
+            (measured on shapes-world: R@5 0.02 with a 64-entry queue vs 0.46 without, 100 steps).
         distill_alpha: momentum-distillation weight alpha (ramped by the trainer in epoch 0).
         mlm_probability: fraction of non-special caption tokens masked for MLM.
         max_text_len: caption length in tokens (padding/truncation length).
@@ -252,8 +256,8 @@ class MPlugConfig(PreTrainedConfig):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.queue_size < 1:
-            raise ValueError(f"queue_size={self.queue_size} must be >= 1")
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size={self.queue_size} must be >= 0 (0: no queue)")
         if v.image_size % v.patch_size != 0:
             raise ValueError(
                 f"vision_config.image_size={v.image_size} must be a multiple of "

@@ -169,6 +169,8 @@ class MPlugForPretraining(MPlugPreTrainedModel):
 
     def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
         q = self.config.queue_size
+        if q == 0:
+            return
         image_feat, text_feat = (
             image_feat[-q:],
             text_feat[-q:],

@@ -36,6 +36,9 @@ class DataSection(_Strict):
     image_size: int | None = Field(None, gt=0, description="None: the model config's")
     max_text_len: int | None = Field(None, gt=2, description="None: the model config's")
     local_shuffle_buffer: int = Field(256, ge=0)
+    # RandomResizedCrop's smallest area fraction: 0.2 is the official pretraining value; a
+    # corpus whose captions name positions and counts (the synthetic one) wants milder crops.
+    crop_min_scale: float = Field(0.2, gt=0, le=1)
 
 
 class OptimSection(_Strict):

@@ -114,6 +114,7 @@ def run_pretraining(job: PretrainConfig, *, address: str | None = None, autoscal
         max_text_len=model_cfg.max_text_len,
         train=True,
         seed=job.run.seed,
+        crop_min_scale=job.data.crop_min_scale,
     ).select_columns(list(TRAIN_COLUMNS))  # `key` (a string) cannot become a tensor
     fs, path = storage.pyarrow_fs(job.run.storage)
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
