@@ -42,8 +42,13 @@ def parallelize(
         return model
     if strategy == "ddp":
         device_ids = [device.index] if device.type == "cuda" else None
+        # No buffer broadcast: the ITC queues (128 MB at base) stay identical on every rank
+        # because `momentum_update` enqueues the same gathered features everywhere.
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, find_unused_parameters=find_unused_parameters
+            model,
+            device_ids=device_ids,
+            find_unused_parameters=find_unused_parameters,
+            broadcast_buffers=False,
         )
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard

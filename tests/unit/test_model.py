@@ -214,3 +214,14 @@ def test_parameter_count_matches_official(name: str, image_size: int, official: 
         model = MPlugForPretraining(MPlugConfig.preset(name, image_size=image_size))
     count = model.num_parameters_without_momentum()
     assert abs(count - official) / official < 0.01, count
+
+
+def test_itc_without_queue_trains_and_enqueues_nothing():
+    torch.manual_seed(0)
+    model = MPlugForPretraining(MPlugConfig.preset("tiny", queue_size=0, use_mlm=False, use_prefix=False))
+    assert model.image_queue.shape[1] == 0
+    out = model(**model.example_inputs(4))
+    assert out.loss_itc.isfinite() and out.loss_itc > 0
+    out.loss.backward()
+    model.momentum_update(out)  # must not fail on an empty queue
+    assert model.image_queue.shape[1] == 0
