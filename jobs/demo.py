@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--output", default="demo_out", help="folder or URI used as object storage for every artefact"
     )
-    p.add_argument("--num-images", type=int, default=4000, help="synthetic scenes (80/10/10 train/val/test)")
-    p.add_argument("--max-steps", type=int, default=500, help="pretraining steps")
+    p.add_argument("--num-images", type=int, default=3000, help="synthetic scenes (80/10/10 train/val/test)")
+    p.add_argument("--max-steps", type=int, default=300, help="pretraining steps")
     p.add_argument("--batch-size", type=int, default=32, help="per worker")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--image-size", type=int, default=64)
