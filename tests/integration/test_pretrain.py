@@ -61,7 +61,11 @@ def checkpoint_dirs(run_uri: str) -> list[str]:
     import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(i.base_name for i in infos if i.base_name.startswith("checkpoint_"))
+    return sorted(
+        i.base_name
+        for i in infos
+        if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
 
 
 def final_state(run_uri: str) -> dict:
