@@ -68,6 +68,16 @@ def checkpoint_dirs(run_uri: str) -> list[str]:
     )
 
 
+def registered_checkpoints(run_uri: str) -> list[str]:
+    """Checkpoints Ray Train has committed (listed in its snapshot), not just uploaded: a kill
+    between upload and registration rightly restarts from the previous one."""
+    snapshot = storage.join(run_uri, "checkpoint_manager_snapshot.json")
+    if not storage.exists(snapshot):
+        return []
+    results = json.loads(storage.read_text(snapshot)).get("checkpoint_results", [])
+    return [r["checkpoint_dir_name"] for r in results]
+
+
 def final_state(run_uri: str) -> dict:
     latest = checkpoint_dirs(run_uri)[-1]
     return json.loads(storage.read_text(storage.join(run_uri, latest, "train_state.json")))
@@ -122,7 +132,7 @@ def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_b
     thread = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(job)), daemon=True)
     thread.start()
     deadline = time.monotonic() + 300
-    while not checkpoint_dirs(run_uri):
+    while not registered_checkpoints(run_uri):
         assert time.monotonic() < deadline and thread.is_alive(), "no first checkpoint"
         time.sleep(0.2)
     pids = _train_worker_pids()
@@ -175,7 +185,7 @@ def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
     run_uri = storage.join(storage_uri, "relaunch")
     first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not checkpoint_dirs(run_uri):
+    while not registered_checkpoints(run_uri):
         assert first.poll() is None, first.stdout.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no first checkpoint"
         time.sleep(0.2)
