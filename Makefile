@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/mplug demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "unit or integration or e2e" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "unit or integration or e2e" --durations=15 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mplug pipelines jobs tests benchmarks

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             )
             print(
                 f"  read {stats['read']}, written {stats['written']}, rejected {stats['rejected']} "
-                f"{ {k: v for k, v in stats.get('rejected_by_reason', {}).items() if v} or ''} ({time.perf_counter() - t:.1f}s) → {processed[split]}"
+                f"{ {k: v for k, v in stats.get('rejected_by_reason', {}).items() if v} or '' } ({time.perf_counter() - t:.1f}s) → {processed[split]}"
             )
 
         t = _stage(
