@@ -6,9 +6,8 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+from jobs.cli import CONFIG_DIR, resolve_config
 
 # CLI flag (argparse dest) → IngestConfig key, for flags that override YAML keys.
 FLAG_KEYS = {
@@ -75,16 +74,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def shipped_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("ingest_*.yaml"))
-
-
-def resolve_config(name_or_path: str | None) -> str | None:
-    """A YAML path or URI, or the name of a shipped config (e.g. `ingest_img2dataset`)."""
-    if name_or_path is None:
-        return None
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and shipped.is_file():
-        return str(shipped)
-    return name_or_path
 
 
 def build_config(args: argparse.Namespace):

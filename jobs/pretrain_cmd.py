@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def resolve_config(name_or_path: str | None) -> str | None:
-    """A YAML path or URI, or the name of a shipped config (e.g. `pretrain_tiny`)."""
-    if name_or_path is None:
-        return None
-    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and shipped.is_file():
-        return str(shipped)
-    return name_or_path
+from jobs.cli import resolve_config
 
 
 def _workers(text: str) -> int | list[int]:
