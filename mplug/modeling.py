@@ -116,7 +116,8 @@ class MPlugForPretraining(MPlugPreTrainedModel):
         self.itm_head = nn.Linear(width, 2) if config.use_itm else None
         self.vision_proj = nn.Linear(width, config.embed_dim) if config.use_itc else None
         self.text_proj = nn.Linear(width, config.embed_dim) if config.use_itc else None
-        self.temp = nn.Parameter(torch.tensor(config.temperature)) if config.use_itc else None
+        # Shape (1,), not a scalar: FSDP2 cannot shard 0-d parameters (official: scalar).
+        self.temp = nn.Parameter(torch.full((1,), config.temperature)) if config.use_itc else None
         if config.use_itc:
             self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
             self.visual_adapter_m = copy.deepcopy(self.visual_adapter)

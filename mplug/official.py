@@ -193,7 +193,7 @@ def _convert(
                 "ignoring %s: queue %s does not fit ours %s", key, tuple(value.shape), tuple(target.shape)
             )
             continue
-        elif name == "queue_ptr" and value.shape != target.shape:
+        elif name in ("queue_ptr", "temp") and value.numel() == target.numel():
             value = value.reshape(target.shape)
         if value.shape != target.shape:
             raise ValueError(

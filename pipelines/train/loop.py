@@ -17,7 +17,14 @@ from pipelines.train.checkpoint import TrainState, load_state, save_state
 from pipelines.train.config import PretrainConfig
 from pipelines.train.metrics import StepMeter, format_step_line, peak_flops
 from pipelines.train.optim import build_optimizer
-from pipelines.train.parallel import full_optim_state, full_state_dict, load_optim_state, parallelize, unwrap
+from pipelines.train.parallel import (
+    full_optim_state,
+    full_state_dict,
+    gradient_sync,
+    load_optim_state,
+    parallelize,
+    unwrap,
+)
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,11 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    _seed(job.run.seed * 1000 + rank)
-
+    # The same initial weights and ITC queues on every rank: FSDP2 shards each rank's own
+    # init without a broadcast, and DDP (broadcast_buffers=False) broadcasts parameters only.
+    _seed(job.run.seed)
     model = MPlugForPretraining(MPlugConfig.from_dict(plan.model_config))
+    _seed(job.run.seed * 1000 + rank)  # per-rank masks, negatives and augmentation
     if job.model.init_text_from_packaged_bert:
         from mplug.tokenizer import packaged_model_dir
 
@@ -143,12 +152,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
             meter.batch_arrived()
             alpha = cfg.distill_alpha * min(1.0, state.step / max(1, plan.alpha_ramp_steps))
             last_micro = micro == accum - 1
-            sync = (
-                model.no_sync()
-                if (accum > 1 and not last_micro and hasattr(model, "no_sync"))
-                else nullcontext()
-            )
-            with sync, _autocast(device, job.scaling.precision):
+            with gradient_sync(model, last_micro), _autocast(device, job.scaling.precision):
                 out = model(
                     images=batch["image"],
                     input_ids=batch["input_ids"],

@@ -7,6 +7,9 @@ each block's parameters are gathered only while that block runs.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -29,6 +32,16 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP kwargs: no buffer broadcast before every forward. The ITC queues (128 MB at base)
+    stay identical on every rank because `momentum_update` enqueues the same gathered features
+    everywhere. torch ≥ 2.13 names this `forward_sync_buffers` (and still syncs buffers once at
+    init); older releases only have `broadcast_buffers`."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {key: False}
+
+
 def parallelize(
     model: nn.Module,
     *,
@@ -42,13 +55,11 @@ def parallelize(
         return model
     if strategy == "ddp":
         device_ids = [device.index] if device.type == "cuda" else None
-        # No buffer broadcast: the ITC queues (128 MB at base) stay identical on every rank
-        # because `momentum_update` enqueues the same gathered features everywhere.
         return nn.parallel.DistributedDataParallel(
             model,
             device_ids=device_ids,
             find_unused_parameters=find_unused_parameters,
-            broadcast_buffers=False,
+            **_no_forward_buffer_sync(),
         )
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -58,6 +69,25 @@ def parallelize(
         fully_shard(model)
         return model
     raise ValueError(f"strategy={strategy!r}: expected 'ddp' or 'fsdp'")
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter on accumulation micro-steps (DDP:
+    `no_sync`; FSDP2: `set_requires_gradient_sync`); a bare model has nothing to skip."""
+    if enabled:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def unwrap(model: nn.Module) -> nn.Module:

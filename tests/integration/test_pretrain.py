@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from pipelines import storage
+from pipelines.eval.retrieval import load_pretrained
 from pipelines.train.config import ConfigError, load_config
 from pipelines.train.launch import run_pretraining
 
@@ -84,8 +85,6 @@ def final_state(run_uri: str) -> dict:
 
 
 def test_two_workers_train_from_s3_and_export_loadable_model(corpus_uri, s3_bucket):
-    from pipelines.eval.retrieval import load_pretrained
-
     job = tiny_job(
         corpus_uri, s3_bucket.uri("runs"), "basic", **{"run.max_steps": 4, "run.checkpoint_every": 2}
     )
@@ -154,7 +153,10 @@ def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_b
 
 
 def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
-    """The driver process is SIGKILLed after the first checkpoint; the same command resumes."""
+    """The driver process is SIGKILLed after the first checkpoint; the same command resumes.
+
+    Run with FSDP2 (DDP is covered above), so sharded training, the gathered checkpoint, the
+    optimizer-state restore and the export all go through the real loop too."""
     import ray
 
     storage_uri = str(tmp_path / "runs")
@@ -177,6 +179,8 @@ def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
         "4",
         "--batch-size",
         "8",
+        "--strategy",
+        "fsdp",
         "--set",
         "run.log_every=2",
         "--address",
@@ -196,6 +200,9 @@ def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
     assert "resumed from step" in second.stdout + second.stderr
     state = final_state(run_uri)
     assert state["step"] == 12 and state["resumed_from"] and state["resumed_from"][0] >= 4
+    assert "2 worker(s)" in second.stdout + second.stderr
+    model = load_pretrained(storage.join(run_uri, "final"))
+    assert model(**model.example_inputs(2)).loss.isfinite()
 
 
 def test_bad_config_fails_before_any_worker(corpus_uri, tmp_path):
