@@ -1,21 +1,32 @@
-"""Ray Train overhead: samples/s of the same tiny model in a plain PyTorch loop vs 1 and 2 Ray
+"""Ray Train overhead: samples/s of the same tiny model in plain PyTorch loops vs 1 and 2 Ray
 Train workers, with the data-wait fraction, in one run on one machine.
 
-The plain loop trains on batches prepared in memory beforehand (the stream's own transform,
-run in-process), so it is the ceiling: no data loading at all during the timed steps. The Ray
-runs stream the same processed shards through Ray Data while they train, as the real job does.
+Every setting trains the same model, global batch and cores, for `--warmup` steps that are not
+timed, then `--steps` timed steps. The warm-up must cover at least one epoch, so that the timed
+part is the steady state: Ray Data's transform processes are started and warm (their one-off
+imports cost seconds of CPU each on a small machine; the start-up is reported apart).
 
-    .venv/bin/python benchmarks/train_overhead.py --steps 40 --batch-size 32
+Settings:
+  plain, in memory   batches transformed before timing: a ceiling with no data work at all
+  plain, DataLoader  a torch DataLoader (1 worker process) reads the same shards and runs the
+                     same transform while training: the same work as the Ray runs
+  Ray Train, N       the real job: Ray Data streams and transforms the shards, N workers train
+
+    .venv/bin/python benchmarks/train_overhead.py --num-images 1500 --warmup 40 --steps 80
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 
 import torch
+
+LR = {"lr": 5e-4, "visual_lr": 5e-4, "weight_decay": 0.02, "betas": (0.9, 0.999), "min_lr": 1e-5}
 
 
 def make_corpus(root: str, num: int, image_size: int) -> str:
@@ -28,42 +39,85 @@ def make_corpus(root: str, num: int, image_size: int) -> str:
     return out
 
 
-def plain_pytorch(corpus: str, steps: int, warmup: int, batch_size: int, threads: int) -> dict:
-    import glob
+JOB = "jobs/configs/pretrain_tiny.yaml"
 
+
+def _model_config():
+    """The model the tiny job trains (its preset plus the job's overrides)."""
+    from pipelines.train.config import load_config
+    from pipelines.train.launch import build_model_config
+
+    return build_model_config(load_config(JOB))
+
+
+def _transform():
+    from pipelines.data.stream import ImageTextTransform
+
+    cfg = _model_config()
+    return ImageTextTransform(image_size=cfg.image_size, max_text_len=cfg.max_text_len, train=True, seed=0)
+
+
+def _tensors(out: dict) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(out[k]) for k in ("image", "input_ids", "attention_mask")}
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Endless transformed batches from the corpus shards, as a plain PyTorch job reads them."""
+
+    def __init__(self, corpus: str, batch_size: int) -> None:
+        self.files = sorted(glob.glob(os.path.join(corpus, "data", "*.parquet")))
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        transform, rng = _transform(), np.random.default_rng(0)
+        while True:
+            for i in rng.permutation(len(self.files)):
+                table = pq.read_table(self.files[i]).take(
+                    rng.permutation(pq.read_metadata(self.files[i]).num_rows)
+                )
+                for start in range(0, table.num_rows - self.batch_size + 1, self.batch_size):
+                    part = table.slice(start, self.batch_size)
+                    yield _tensors(
+                        transform({c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names})
+                    )
+
+
+def plain_pytorch(
+    corpus: str, steps: int, warmup: int, batch_size: int, threads: int, loader: bool
+) -> dict[str, float]:
     import pyarrow.parquet as pq
 
-    from mplug import MPlugConfig, MPlugForPretraining
-    from pipelines.data.stream import ImageTextTransform
+    from mplug import MPlugForPretraining
     from pipelines.train.optim import build_optimizer
 
     torch.set_num_threads(threads)
-    cfg = MPlugConfig.preset("tiny")
-    table = pq.read_table(sorted(glob.glob(os.path.join(corpus, "data", "*.parquet"))))
-    transform = ImageTextTransform(
-        image_size=cfg.image_size, max_text_len=cfg.max_text_len, train=True, seed=0
-    )
-    batches = []
-    for start in range(0, table.num_rows - batch_size + 1, batch_size):
-        part = table.slice(start, batch_size)
-        out = transform({c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names})
-        batches.append({k: torch.as_tensor(out[k]) for k in ("image", "input_ids", "attention_mask")})
-    model = MPlugForPretraining(cfg).train()
-    opt, sched = build_optimizer(
-        model,
-        lr=5e-4,
-        visual_lr=5e-4,
-        weight_decay=0.02,
-        betas=(0.9, 0.999),
-        warmup_steps=20,
-        total_steps=warmup + steps,
-        min_lr=1e-5,
-    )
-    t0 = 0.0
+    if loader:
+        batches = iter(
+            torch.utils.data.DataLoader(ShardBatches(corpus, batch_size), batch_size=None, num_workers=1)
+        )
+    else:
+        table = pq.read_table(sorted(glob.glob(os.path.join(corpus, "data", "*.parquet"))))
+        transform = _transform()
+        ready = [
+            _tensors(transform({c: part[c].to_numpy(zero_copy_only=False) for c in part.column_names}))
+            for part in (
+                table.slice(s, batch_size) for s in range(0, table.num_rows - batch_size + 1, batch_size)
+            )
+        ]
+        batches = (ready[i % len(ready)] for i in range(10**9))
+    torch.manual_seed(0)
+    model = MPlugForPretraining(_model_config()).train()
+    opt, sched = build_optimizer(model, warmup_steps=20, total_steps=warmup + steps, **LR)
+    wait = 0.0
     for i in range(warmup + steps):
         if i == warmup:
-            t0 = time.perf_counter()
-        b = batches[i % len(batches)]
+            t0, wait = time.perf_counter(), 0.0
+        w = time.perf_counter()
+        b = next(batches)
+        wait += time.perf_counter() - w
         out = model(
             images=b["image"], input_ids=b["input_ids"], attention_mask=b["attention_mask"], alpha=0.4
         )
@@ -73,66 +127,98 @@ def plain_pytorch(corpus: str, steps: int, warmup: int, batch_size: int, threads
         opt.zero_grad(set_to_none=True)
         model.momentum_update(out)
     elapsed = time.perf_counter() - t0
-    return {"samples_per_s": steps * batch_size / elapsed, "data_wait_frac": 0.0}
+    return {"samples_per_s": steps * batch_size / elapsed, "data_wait_frac": wait / elapsed}
 
 
 def ray_train(
     corpus: str, storage_dir: str, workers: int, steps: int, warmup: int, batch_size: int, threads: int
-) -> dict:
+) -> dict[str, float]:
+    """One run logging every `warmup` steps; the windows after the first are the timed part."""
+    from pipelines.train.checkpoint import history_from_csv
     from pipelines.train.config import load_config
     from pipelines.train.launch import run_pretraining
 
-    # Same global batch as the plain loop; the last logging window excludes start-up.
+    name = f"overhead-{workers}w"
     job = load_config(
-        "jobs/configs/pretrain_tiny.yaml",
+        JOB,
         {
             "data.uris": [corpus],
             "data.batch_size": batch_size // workers,
             "scaling.num_workers": workers,
             "scaling.cpus_per_worker": threads / workers,
             "run.storage": storage_dir,
-            "run.name": f"overhead-{workers}w",
+            "run.name": name,
             "run.max_steps": warmup + steps,
-            "run.log_every": steps,
+            "run.log_every": warmup,
             "run.checkpoint_every": 10 * (warmup + steps),
         },
     )
-    result = run_pretraining(job)
+    started = time.perf_counter()
+    run_pretraining(job)
+    total_s = time.perf_counter() - started
+    with open(os.path.join(storage_dir, name, "metrics.csv")) as f:
+        rows = history_from_csv(f.read())
+    first, timed = rows[0], rows[1:]
+    # Each window: (steps in it) × batch / samples_per_s seconds; data_wait_frac of that waited.
+    spans = [(r["step"] - p["step"]) * batch_size / r["samples_per_s"] for p, r in zip(rows, timed)]
+    waits = [s * r["data_wait_frac"] for s, r in zip(spans, timed)]
     return {
-        "samples_per_s": result.metrics["samples_per_s"],
-        "data_wait_frac": result.metrics["data_wait_frac"],
+        "samples_per_s": steps * batch_size / sum(spans),
+        "data_wait_frac": sum(waits) / sum(spans),
+        "warmup_samples_per_s": first["samples_per_s"],
+        "run_s": total_s,
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-images", type=int, default=1500)
-    p.add_argument("--steps", type=int, default=40, help="timed steps (after warm-up)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=80, help="timed steps (a multiple of --warmup)")
+    p.add_argument("--warmup", type=int, default=40, help="untimed steps; cover at least one epoch")
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
     p.add_argument(
         "--threads", type=int, default=os.cpu_count(), help="cores given to training in every setting"
     )
     args = p.parse_args()
+    if args.steps % args.warmup:
+        p.error("--steps must be a multiple of --warmup (the Ray runs log every --warmup steps)")
+
+    import pyarrow.parquet as pq
 
     from pipelines.cluster import init_ray
 
     with tempfile.TemporaryDirectory() as root:
         init_ray("local", quiet=True)
         corpus = make_corpus(root, args.num_images, 64)
+        train_rows = sum(
+            pq.read_metadata(f).num_rows for f in glob.glob(os.path.join(corpus, "data", "*.parquet"))
+        )
+        if args.warmup * args.batch_size < train_rows:
+            print(
+                f"note: warm-up ({args.warmup * args.batch_size} samples) is shorter than an epoch ({train_rows})"
+            )
+        common = (corpus, args.steps, args.warmup, args.batch_size, args.threads)
         rows = {
-            "plain PyTorch": plain_pytorch(corpus, args.steps, args.warmup, args.batch_size, args.threads)
+            "plain, in memory": plain_pytorch(*common, loader=False),
+            "plain, DataLoader": plain_pytorch(*common, loader=True),
         }
         for w in (1, 2):
             rows[f"Ray Train, {w} worker{'s' if w > 1 else ''}"] = ray_train(
                 corpus, os.path.join(root, "runs"), w, args.steps, args.warmup, args.batch_size, args.threads
             )
-    base = rows["plain PyTorch"]["samples_per_s"]
-    print(f"\ntiny model, global batch {args.batch_size}, {args.steps} timed steps, {args.threads} cores")
-    print(f"{'setting':<24} {'samples/s':>10} {'vs plain':>9} {'data wait':>10}")
+    ceiling, same_work = rows["plain, in memory"]["samples_per_s"], rows["plain, DataLoader"]["samples_per_s"]
+    print(
+        f"\ntiny model, global batch {args.batch_size}, {args.steps} timed steps after {args.warmup}, "
+        f"{args.threads} cores, {train_rows} rows per epoch"
+    )
+    print(
+        f"{'setting':<22} {'samples/s':>9} {'vs DataLoader':>13} {'vs memory':>9} {'data wait':>9}  warm-up, whole run"
+    )
     for name, r in rows.items():
+        extra = f"  {r['warmup_samples_per_s']:.1f} samples/s, {r['run_s']:.0f} s" if "run_s" in r else ""
         print(
-            f"{name:<24} {r['samples_per_s']:>10.1f} {r['samples_per_s'] / base:>9.2f} {100 * r['data_wait_frac']:>9.0f}%"
+            f"{name:<22} {r['samples_per_s']:>9.1f} {r['samples_per_s'] / same_work:>13.2f} "
+            f"{r['samples_per_s'] / ceiling:>9.2f} {100 * r['data_wait_frac']:>8.0f}%{extra}"
         )
 
 

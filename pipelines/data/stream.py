@@ -9,6 +9,7 @@ Trainer usage (Ray Train V2):
 
     ds = training_dataset(uris, image_size=256, max_text_len=30)
     trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=train_data_config(), ...)
+    # (train_data_config: pipelines.train.data_config)
     # in the loop, every epoch:
     it = ray.train.get_dataset_shard("train")
     for batch in it.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=4 * B):
@@ -28,23 +29,19 @@ from __future__ import annotations
 import io
 import os
 import re
-from collections.abc import Iterator
 from functools import lru_cache
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from ray.train import DataConfig
 from torchvision.transforms import v2 as T
 
 from mplug.tokenizer import load_tokenizer
 from pipelines import storage
+from pipelines.data.shards import read_shard_rows
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-STREAM_COLUMNS = ["key", "image", "caption", "question"]
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b")
 
 
@@ -169,17 +166,6 @@ def collate_with_keys(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor | 
     return out
 
 
-def read_shard_rows(batch: dict[str, np.ndarray], rows_per_block: int) -> Iterator[pa.Table]:
-    """Stream the `STREAM_COLUMNS` of each listed parquet shard as blocks of `rows_per_block`."""
-    for uri in batch["path"]:
-        fs, path = storage.pyarrow_fs(str(uri))
-        with fs.open_input_file(path) as f:
-            shard = pq.ParquetFile(f)
-            columns = [c for c in STREAM_COLUMNS if c in shard.schema_arrow.names]
-            for record_batch in shard.iter_batches(batch_size=rows_per_block, columns=columns):
-                yield pa.Table.from_batches([record_batch])
-
-
 @lru_cache(maxsize=4)
 def _transform(**kwargs) -> ImageTextTransform:
     return ImageTextTransform(**kwargs)
@@ -271,37 +257,3 @@ def training_dataset(
         compute=ray.data.TaskPoolStrategy(size=actors),
         num_cpus=1,
     )
-
-
-class CompleteShardsDataConfig(DataConfig):
-    """Ray Train's `DataConfig` with `streaming_split(equal=False)`: see `train_data_config`."""
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        output = [{} for _ in range(world_size)]
-        split_names = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
-        hints = worker_node_ids if self._enable_shard_locality else None
-        for name, ds in datasets.items():
-            if ds.name is None:
-                ds.set_name(name)
-            ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            if name in split_names:
-                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
-                    output[i][name] = split
-            else:
-                for i in range(world_size):
-                    output[i][name] = ds.iterator()
-        return output
-
-
-def train_data_config(datasets_to_split: str | list[str] = "all") -> CompleteShardsDataConfig:
-    """`TorchTrainer(dataset_config=...)` that gives workers disjoint shards covering every row.
-
-    Ray Train's default `DataConfig.configure` calls `streaming_split(world_size, equal=True)`,
-    which drops rows so every worker gets the same count. Here the split is `equal=False`:
-    blocks are handed out dynamically, so shards are disjoint and complete but their sizes may
-    differ by up to a block. A DDP loop must therefore stop all ranks together (e.g. all-reduce a
-    "still has a batch" flag each step) rather than assume equal batch counts. Datasets not in
-    `datasets_to_split` are given whole to every worker.
-    """
-    return CompleteShardsDataConfig(datasets_to_split=datasets_to_split)

@@ -33,6 +33,8 @@ class TrainState:
     epoch: int = 0
     samples_seen: int = 0
     world_size: int = 1
+    # "ddp" or "fsdp": the optimizer state's layout differs between them.
+    strategy: str = "ddp"
     # Steps this run resumed from (after a worker failure or a relaunch), oldest first.
     resumed_from: list[int] = field(default_factory=list)
     history: list[dict[str, float]] = field(default_factory=list)

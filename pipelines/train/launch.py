@@ -100,7 +100,8 @@ def run_pretraining(job: PretrainConfig, *, address: str | None = None, autoscal
     from ray.train.torch import TorchTrainer
 
     from pipelines.cluster import init_ray
-    from pipelines.data.stream import train_data_config, training_dataset
+    from pipelines.data.stream import training_dataset
+    from pipelines.train.data_config import train_data_config
 
     plan = plan_run(job)  # fails before Ray or any worker starts
     model_cfg = build_model_config(job)

@@ -94,11 +94,18 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     if job.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    state, optim_state = TrainState(world_size=world), None
+    strategy = job.scaling.strategy
+    state, optim_state = TrainState(world_size=world, strategy=strategy), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             loaded = load_state(Path(d), rank=rank)
+        if loaded.state.strategy != strategy:
+            raise ValueError(
+                f"run {job.run.name!r} was checkpointed under scaling.strategy={loaded.state.strategy!r} "
+                f"and cannot resume under {strategy!r}: relaunch with --strategy {loaded.state.strategy} "
+                "or start a new --name"
+            )
         model.load_state_dict(loaded.model_state)
         state, optim_state = loaded.state, loaded.optim_state
         state.resumed_from.append(state.step)

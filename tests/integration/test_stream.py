@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pipelines.data.ingest import IngestConfig, run_ingest
-from pipelines.data.stream import collate_with_keys, train_data_config, training_dataset
+from pipelines.data.stream import collate_with_keys, training_dataset
 from pipelines.data.synth import render_corpus
+from pipelines.train.data_config import train_data_config
 
 pytestmark = pytest.mark.integration
 
