@@ -118,3 +118,19 @@ def load_state(directory: Path, *, rank: int) -> LoadedCheckpoint:
     if rng_file.exists():
         set_rng_state(torch.load(rng_file, weights_only=False))
     return LoadedCheckpoint(model_state, optim_state, TrainState(history=history, **meta))
+
+
+def checkpointed_strategy(run_uri: str) -> str | None:
+    """`scaling.strategy` of the latest checkpoint under `run_uri` (a run folder), or None when
+    the run has none yet. Checkpoint folders are `checkpoint_<step, 8 digits>`: names sort by step."""
+    from pipelines import storage
+
+    states = [
+        uri
+        for uri in storage.list_files(run_uri, "/" + STATE_FILE)
+        if uri.rsplit("/", 2)[-2].startswith("checkpoint_")
+    ]
+    if not states:
+        return None
+    latest = max(states, key=lambda uri: uri.rsplit("/", 2)[-2])
+    return json.loads(storage.read_text(latest)).get("strategy", "ddp")

