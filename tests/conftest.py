@@ -19,18 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.gloo import free_port
+
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_REGION": "us-east-1",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -54,7 +50,7 @@ def s3_endpoint() -> Iterator[str]:
     moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
     if moto is None:
         pytest.fail("moto_server not found: install the test extra (`pip install -e '.[test]'`)")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [moto, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -9,13 +9,11 @@ full-state gather and the optimizer-state round trip.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mplug import MPlugConfig, MPlugForPretraining
 from pipelines.train.optim import build_optimizer
@@ -27,6 +25,7 @@ from pipelines.train.parallel import (
     parallelize,
     unwrap,
 )
+from tests.gloo import run_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -82,79 +81,65 @@ def _compared(name: str, value: torch.Tensor) -> bool:
     return value.is_floating_point() and not name.endswith(".key.bias")
 
 
-def _worker(rank: int, port: int, ckpt_dir: str, results: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        ddp, _, _, ddp_losses = _train(_fresh_model(), "ddp", range(STEPS), rank)
-        ddp_state = full_state_dict(ddp)
+def _compare_runs(rank: int, ckpt_dir: str) -> dict | None:
+    """On every rank: the DDP, FSDP2, accumulation and interrupted runs; rank 0 returns the comparison."""
+    ddp, _, _, ddp_losses = _train(_fresh_model(), "ddp", range(STEPS), rank)
+    ddp_state = full_state_dict(ddp)
 
-        fsdp, _, _, fsdp_losses = _train(_fresh_model(), "fsdp", range(STEPS), rank)
-        fsdp_state = full_state_dict(fsdp)
-        sharded = [n for n, p in unwrap(fsdp).named_parameters() if type(p).__name__ == "DTensor"]
+    fsdp, _, _, fsdp_losses = _train(_fresh_model(), "fsdp", range(STEPS), rank)
+    fsdp_state = full_state_dict(fsdp)
+    sharded = [n for n, p in unwrap(fsdp).named_parameters() if type(p).__name__ == "DTensor"]
 
-        # Gradient accumulation: skipping the sync on the first micro-step changes nothing.
-        ddp_acc, _, _, ddp_acc_losses = _train(_fresh_model(), "ddp", range(STEPS), rank, accum=2)
-        fsdp_acc, _, _, fsdp_acc_losses = _train(_fresh_model(), "fsdp", range(STEPS), rank, accum=2)
-        ddp_acc_state, fsdp_acc_state = full_state_dict(ddp_acc), full_state_dict(fsdp_acc)
+    # Gradient accumulation: skipping the sync on the first micro-step changes nothing.
+    ddp_acc, _, _, ddp_acc_losses = _train(_fresh_model(), "ddp", range(STEPS), rank, accum=2)
+    fsdp_acc, _, _, fsdp_acc_losses = _train(_fresh_model(), "fsdp", range(STEPS), rank, accum=2)
+    ddp_acc_state, fsdp_acc_state = full_state_dict(ddp_acc), full_state_dict(fsdp_acc)
 
-        # Interrupted run: 2 steps, gather a checkpoint as the loop does, restore into a fresh
-        # model in a fresh FSDP wrap (every rank reads rank 0's files), run the last step.
-        part, optimizer, scheduler, first_losses = _train(_fresh_model(), "fsdp", range(STEPS - 1), rank)
-        model_state = full_state_dict(part)
-        optim_state = {"optimizer": full_optim_state(part, optimizer), "scheduler": scheduler.state_dict()}
-        path = os.path.join(ckpt_dir, "ckpt.pt")
-        if rank == 0:
-            torch.save({"model": model_state, "optim": optim_state}, path)
-        dist.barrier()
-        ckpt = torch.load(path, weights_only=False)
-        restored = _fresh_model()
-        restored.load_state_dict(ckpt["model"])
-        restored, _, _, last_loss = _train(
-            restored, "fsdp", range(STEPS - 1, STEPS), rank, optim_state=ckpt["optim"]
-        )
-        restored_state = full_state_dict(restored)
+    # Interrupted run: 2 steps, gather a checkpoint as the loop does, restore into a fresh
+    # model in a fresh FSDP wrap (every rank reads rank 0's files), run the last step.
+    part, optimizer, scheduler, first_losses = _train(_fresh_model(), "fsdp", range(STEPS - 1), rank)
+    model_state = full_state_dict(part)
+    optim_state = {"optimizer": full_optim_state(part, optimizer), "scheduler": scheduler.state_dict()}
+    path = os.path.join(ckpt_dir, "ckpt.pt")
+    if rank == 0:
+        torch.save({"model": model_state, "optim": optim_state}, path)
+    dist.barrier()
+    ckpt = torch.load(path, weights_only=False)
+    restored = _fresh_model()
+    restored.load_state_dict(ckpt["model"])
+    restored, _, _, last_loss = _train(
+        restored, "fsdp", range(STEPS - 1, STEPS), rank, optim_state=ckpt["optim"]
+    )
+    restored_state = full_state_dict(restored)
 
-        if rank == 0:
-            diff = {
-                name: max(float((a[k].float() - b[k].float()).abs().max()) for k in a if _compared(k, a[k]))
-                for name, (a, b) in {
-                    "fsdp_vs_ddp": (fsdp_state, ddp_state),
-                    "restored_vs_fsdp": (restored_state, fsdp_state),
-                    "accum_fsdp_vs_ddp": (fsdp_acc_state, ddp_acc_state),
-                    "accum_vs_plain": (fsdp_acc_state, fsdp_state),
-                }.items()
-            }
-            results.update(
-                ddp_losses=ddp_losses,
-                fsdp_losses=fsdp_losses,
-                resumed_losses=first_losses + last_loss,
-                ddp_acc_losses=ddp_acc_losses,
-                fsdp_acc_losses=fsdp_acc_losses,
-                sharded=len(sharded),
-                params=sum(1 for _ in unwrap(fsdp).parameters()),
-                keys_equal=set(fsdp_state) == set(ddp_state) == set(restored_state),
-                temp_shape=tuple(fsdp_state["temp"].shape),
-                **diff,
-            )
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    if rank != 0:
+        return None
+    diff = {
+        name: max(float((a[k].float() - b[k].float()).abs().max()) for k in a if _compared(k, a[k]))
+        for name, (a, b) in {
+            "fsdp_vs_ddp": (fsdp_state, ddp_state),
+            "restored_vs_fsdp": (restored_state, fsdp_state),
+            "accum_fsdp_vs_ddp": (fsdp_acc_state, ddp_acc_state),
+            "accum_vs_plain": (fsdp_acc_state, fsdp_state),
+        }.items()
+    }
+    return dict(
+        ddp_losses=ddp_losses,
+        fsdp_losses=fsdp_losses,
+        resumed_losses=first_losses + last_loss,
+        ddp_acc_losses=ddp_acc_losses,
+        fsdp_acc_losses=fsdp_acc_losses,
+        sharded=len(sharded),
+        params=sum(1 for _ in unwrap(fsdp).parameters()),
+        keys_equal=set(fsdp_state) == set(ddp_state) == set(restored_state),
+        temp_shape=tuple(fsdp_state["temp"].shape),
+        **diff,
+    )
 
 
 def test_fsdp2_matches_ddp_and_resumes_exactly() -> None:
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, tempfile.TemporaryDirectory() as ckpt_dir:
-        shared = manager.dict()
-        mp.start_processes(
-            _worker, args=(_free_port(), ckpt_dir, shared), nprocs=WORLD, join=True, start_method="spawn"
-        )
-        r = dict(shared)
+    with tempfile.TemporaryDirectory() as ckpt_dir:
+        r = run_ranks(_compare_runs, WORLD, ckpt_dir)[0]
 
     # Every parameter, momentum copies and the temperature included, is sharded.
     assert r["sharded"] == r["params"] > 0

@@ -4,14 +4,11 @@ features as one process holding the whole batch."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mplug import MPlugConfig, MPlugForPretraining
+from tests.gloo import run_ranks
 
 pytestmark = pytest.mark.integration
 
@@ -38,33 +35,15 @@ def _step(model: MPlugForPretraining, batch: dict) -> dict[str, torch.Tensor]:
     }
 
 
-def _worker(rank: int, port: int, results: dict) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        model = _model()
-        full = model.example_inputs(BATCH, seed=11)
-        half = BATCH // WORLD
-        local = {k: v[rank * half : (rank + 1) * half] for k, v in full.items()}
-        results[rank] = _step(model, local)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _half_batch_step(rank: int) -> dict[str, torch.Tensor]:
+    model = _model()
+    full = model.example_inputs(BATCH, seed=11)
+    half = BATCH // WORLD
+    return _step(model, {k: v[rank * half : (rank + 1) * half] for k, v in full.items()})
 
 
 def test_itc_gathered_over_two_ranks_equals_single_process() -> None:
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        shared = manager.dict()
-        mp.start_processes(
-            _worker, args=(_free_port(), shared), nprocs=WORLD, join=True, start_method="spawn"
-        )
-        ranks = [dict(shared[r]) for r in range(WORLD)]
+    ranks = run_ranks(_half_batch_step, WORLD)
 
     model = _model()
     single = _step(model, model.example_inputs(BATCH, seed=11))
