@@ -27,24 +27,15 @@ def build(config: str, device: torch.device, gradient_checkpointing: bool):
     from mplug import MPlugForPretraining
     from pipelines.train.config import load_config
     from pipelines.train.launch import build_model_config
-    from pipelines.train.optim import build_optimizer
+    from pipelines.train.optim import build_job_optimizer
 
     job = load_config(resolve_config(config))
     cfg = build_model_config(job)
     model = MPlugForPretraining(cfg).to(device).train()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    o = job.optim
-    optimizer, scheduler = build_optimizer(
-        model,
-        lr=o.lr,
-        visual_lr=o.visual_lr,
-        weight_decay=o.weight_decay,
-        betas=o.betas,
-        warmup_steps=o.warmup_steps,
-        total_steps=10**6,
-        min_lr=o.min_lr,
-    )
+    # The schedule length is irrelevant to throughput; long enough never to end.
+    optimizer, scheduler = build_job_optimizer(model, job.optim, total_steps=10**6)
     return job, cfg, model, optimizer, scheduler
 
 

@@ -77,9 +77,8 @@ class ShardBatches(torch.utils.data.IterableDataset):
         transform, rng = _transform(), np.random.default_rng(0)
         while True:
             for i in rng.permutation(len(self.files)):
-                table = pq.read_table(self.files[i]).take(
-                    rng.permutation(pq.read_metadata(self.files[i]).num_rows)
-                )
+                table = pq.read_table(self.files[i])
+                table = table.take(rng.permutation(table.num_rows))
                 for start in range(0, table.num_rows - self.batch_size + 1, self.batch_size):
                     part = table.slice(start, self.batch_size)
                     yield _tensors(

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from pipelines.train.checkpoint import TrainState, load_state, save_state
 from pipelines.train.config import PretrainConfig
 from pipelines.train.metrics import StepMeter, format_step_line, peak_flops
-from pipelines.train.optim import build_optimizer
+from pipelines.train.optim import build_job_optimizer
 from pipelines.train.parallel import (
     full_optim_state,
     full_state_dict,
@@ -89,7 +89,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     # The same initial weights and ITC queues on every rank: FSDP2 shards each rank's own
-    # init without a broadcast, and DDP (broadcast_buffers=False) broadcasts parameters only.
+    # init without a broadcast (DDP would broadcast rank 0's, but need not).
     _seed(job.run.seed)
     model = MPlugForPretraining(MPlugConfig.from_dict(plan.model_config))
     _seed(job.run.seed * 1000 + rank)  # per-rank masks, negatives and augmentation
@@ -117,16 +117,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     model = parallelize(
         model, strategy=job.scaling.strategy, device=device, find_unused_parameters=objectives_off
     )
-    optimizer, scheduler = build_optimizer(
-        model,
-        lr=job.optim.lr,
-        visual_lr=job.optim.visual_lr,
-        weight_decay=job.optim.weight_decay,
-        betas=job.optim.betas,
-        warmup_steps=job.optim.warmup_steps,
-        total_steps=plan.total_steps,
-        min_lr=job.optim.min_lr,
-    )
+    optimizer, scheduler = build_job_optimizer(model, job.optim, plan.total_steps)
     if optim_state is not None:
         load_optim_state(model, optimizer, optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])

@@ -7,9 +7,13 @@ pretraining); biases and norm weights get no weight decay.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from pipelines.train.config import OptimSection
 
 VISUAL_PREFIXES = ("visual_encoder.", "visual_adapter.")
 
@@ -80,3 +84,19 @@ def build_optimizer(
     ]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return optimizer, scheduler
+
+
+def build_job_optimizer(
+    model: nn.Module, optim: OptimSection, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """`build_optimizer` with a job config's `optim` section (the trainer and benchmarks)."""
+    return build_optimizer(
+        model,
+        lr=optim.lr,
+        visual_lr=optim.visual_lr,
+        weight_decay=optim.weight_decay,
+        betas=optim.betas,
+        warmup_steps=optim.warmup_steps,
+        total_steps=total_steps,
+        min_lr=optim.min_lr,
+    )
