@@ -9,7 +9,7 @@ and MFU = `mplug.flops.pretraining_step_flops` × samples/s ÷ the GPU's dense b
 
     python benchmarks/gpu_train_throughput.py                         # base, 256 px, bf16
     python benchmarks/gpu_train_throughput.py --config pretrain_large --max-batch 512
-    python benchmarks/gpu_train_throughput.py --config pretrain_tiny --device cpu --max-batch 8  # smoke test
+    python benchmarks/gpu_train_throughput.py --config pretrain_tiny --device cpu --start-batch 4 --max-batch 8  # smoke test
 """
 
 from __future__ import annotations
@@ -17,45 +17,44 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from contextlib import nullcontext
 
 import torch
 
 
 def build(config: str, device: torch.device, gradient_checkpointing: bool):
     from jobs.cli import resolve_config
-    from mplug import MPlugForPretraining
+    from pipelines.tasks import task_class
     from pipelines.train.config import load_config
     from pipelines.train.launch import build_model_config
     from pipelines.train.optim import build_job_optimizer
 
     job = load_config(resolve_config(config))
     cfg = build_model_config(job)
-    model = MPlugForPretraining(cfg).to(device).train()
+    task = task_class(job.task)(job, cfg)
+    model = task.build_model().to(device).train()
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     # The schedule length is irrelevant to throughput; long enough never to end.
     optimizer, scheduler = build_job_optimizer(model, job.optim, total_steps=10**6)
-    return job, cfg, model, optimizer, scheduler
+    return job, cfg, task, model, optimizer, scheduler
 
 
-def train_steps(model, optimizer, scheduler, batch: dict, steps: int, bf16: bool) -> None:
-    autocast = torch.autocast(batch["images"].device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    for _ in range(steps):
-        with autocast:
-            out = model(**batch, alpha=0.4)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.momentum_update(out)
+def train_steps(task, model, optimizer, scheduler, batch: dict, steps: int, bf16: bool) -> None:
+    """`steps` of the training loop's own `train_step` (distillation at full α)."""
+    from pipelines.tasks.base import StepContext
+    from pipelines.train.step import train_step
+
+    for i in range(steps):
+        ctx = StepContext(step=10**6 + i, epoch=1, steps_per_epoch=1)
+        train_step(model, task, [batch], optimizer, scheduler, ctx, grad_clip=5.0,
+                   precision="bf16" if bf16 else "fp32")  # fmt: skip
 
 
-def fits(model, optimizer, scheduler, batch_size: int, bf16: bool) -> bool:
+def fits(task, model, optimizer, scheduler, batch_size: int, bf16: bool) -> bool:
     """Two training steps at `batch_size` without running out of device memory."""
+    device = next(model.parameters()).device
     try:
-        train_steps(model, optimizer, scheduler, model.example_inputs(batch_size), 2, bf16)
+        train_steps(task, model, optimizer, scheduler, task.example_batch(batch_size, device=device), 2, bf16)
         return True
     except torch.OutOfMemoryError:
         return False
@@ -65,11 +64,11 @@ def fits(model, optimizer, scheduler, batch_size: int, bf16: bool) -> bool:
             torch.cuda.empty_cache()
 
 
-def largest_batch(model, optimizer, scheduler, start: int, limit: int, bf16: bool) -> int:
+def largest_batch(task, model, optimizer, scheduler, start: int, limit: int, bf16: bool) -> int:
     """Double from `start` until a batch fails or `limit` is reached, then bisect."""
     ok, bad, b = 0, None, start
     while b <= limit:
-        if not fits(model, optimizer, scheduler, b, bf16):
+        if not fits(task, model, optimizer, scheduler, b, bf16):
             bad = b
             break
         ok, b = b, b * 2
@@ -80,7 +79,7 @@ def largest_batch(model, optimizer, scheduler, start: int, limit: int, bf16: boo
         return ok
     while bad - ok > max(1, ok // 16):
         mid = (ok + bad) // 2
-        ok, bad = (mid, bad) if fits(model, optimizer, scheduler, mid, bf16) else (ok, mid)
+        ok, bad = (mid, bad) if fits(task, model, optimizer, scheduler, mid, bf16) else (ok, mid)
         print(f"  bisect: fits {ok}, fails {bad}", flush=True)
     return ok
 
@@ -106,28 +105,33 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     bf16 = args.precision == "bf16"
-    job, cfg, model, optimizer, scheduler = build(args.config, device, args.gradient_checkpointing)
+    job, cfg, task, model, optimizer, scheduler = build(args.config, device, args.gradient_checkpointing)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"{args.config}: {cfg.image_size} px, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {name}"
     )
     batch = args.batch_size or largest_batch(
-        model, optimizer, scheduler, args.start_batch, args.max_batch, bf16
+        task, model, optimizer, scheduler, args.start_batch, args.max_batch, bf16
     )
 
-    inputs = model.example_inputs(batch)
-    train_steps(model, optimizer, scheduler, inputs, args.warmup, bf16)
+    inputs = task.example_batch(batch, device=device)
+    train_steps(task, model, optimizer, scheduler, inputs, args.warmup, bf16)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sync()
     t0 = time.perf_counter()
-    train_steps(model, optimizer, scheduler, inputs, args.steps, bf16)
+    train_steps(task, model, optimizer, scheduler, inputs, args.steps, bf16)
     sync()
     elapsed = time.perf_counter() - t0
 
     samples_per_s = batch * args.steps / elapsed
-    per_sample = flops.pretraining_step_flops(cfg, batch_size=batch)
+    # Pretraining's ITC cost grows with the batch (and the queue): count it at this batch.
+    per_sample = (
+        flops.pretraining_step_flops(cfg, batch_size=batch)
+        if job.task == "pretrain"
+        else task.flops_per_sample()
+    )
     peak = peak_flops(device)
     result = {
         "config": args.config,

@@ -91,8 +91,11 @@ def plain_pytorch(
 ) -> dict[str, float]:
     import pyarrow.parquet as pq
 
-    from mplug import MPlugForPretraining
+    from pipelines.tasks.base import StepContext
+    from pipelines.tasks.pretrain import PretrainTask
+    from pipelines.train.config import load_config
     from pipelines.train.optim import build_optimizer
+    from pipelines.train.step import train_step
 
     torch.set_num_threads(threads)
     if loader:
@@ -110,7 +113,8 @@ def plain_pytorch(
         ]
         batches = (ready[i % len(ready)] for i in range(10**9))
     torch.manual_seed(0)
-    model = MPlugForPretraining(_model_config()).train()
+    task = PretrainTask(load_config(JOB), _model_config())
+    model = task.build_model().train()
     opt, sched = build_optimizer(model, warmup_steps=20, total_steps=warmup + steps, **LR)
     wait = 0.0
     for i in range(warmup + steps):
@@ -119,14 +123,8 @@ def plain_pytorch(
         w = time.perf_counter()
         b = next(batches)
         wait += time.perf_counter() - w
-        out = model(
-            images=b["image"], input_ids=b["input_ids"], attention_mask=b["attention_mask"], alpha=0.4
-        )
-        out.loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        model.momentum_update(out)
+        # The loop's own step (loss, backward, optimizer, schedule, momentum update).
+        train_step(model, task, [b], opt, sched, StepContext(i, 0, warmup + steps))
     elapsed = time.perf_counter() - t0
     return {"samples_per_s": steps * batch_size / elapsed, "data_wait_frac": wait / elapsed}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Subcommand modules, in the order `mplug --help` lists them. Later work adds entries here.
-COMMAND_MODULES = ("jobs.env_cmd", "jobs.synth_cmd", "jobs.ingest_cmd", "jobs.pretrain_cmd", "jobs.demo")
+COMMAND_MODULES = ("jobs.env_cmd", "jobs.synth_cmd", "jobs.ingest_cmd", "jobs.train_cmd", "jobs.demo")
 
 
 def resolve_config(name_or_path: str | None) -> str | None:
@@ -27,8 +27,10 @@ def resolve_config(name_or_path: str | None) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mplug",
-        description="mPLUG on Ray: ingest image-text pairs, pretrain, finetune, tune, evaluate, submit.",
+        description="mPLUG on Ray: the vision-language model and its Ray Data / Train / Tune pipeline. "
+        "`mplug COMMAND --help` is the reference of each command.",
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -36,8 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A config error exits 2, any other error 1, each as one line naming
+    what is wrong (`--debug` shows the traceback instead)."""
+    from pipelines.train.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"mplug {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the CLI's edge: everything below raises, this line reports
+        if args.debug:
+            raise
+        first = str(err).strip().splitlines()
+        message = "\n".join(first) if isinstance(err, ConfigError) else (first[0] if first else "")
+        kind = "" if isinstance(err, ConfigError | FileNotFoundError) else f"{type(err).__name__}: "
+        print(f"mplug {args.command}: {kind}{message} (--debug shows the traceback)", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
 
 
 if __name__ == "__main__":

@@ -187,6 +187,9 @@ class MPlugConfig(PreTrainedConfig):
         use_itc, use_itm, use_mlm, use_prefix: switch each pretraining objective on or off.
         cls_token_id, sep_token_id, mask_token_id: BERT special tokens ([PAD] is
             `text_config.pad_token_id`); [CLS] also starts every decoded sequence.
+        num_images: images per example of a classifier (2 for NLVR2's image pairs).
+        box_bins: coordinate bins of the grounding decoder; 0 means `image_size + 1` (the
+            official 337 at 336 px). Classifier labels live in `id2label` (PreTrainedConfig).
     """
 
     model_type: ClassVar[str] = "mplug"
@@ -214,6 +217,8 @@ class MPlugConfig(PreTrainedConfig):
     cls_token_id: int = 101
     sep_token_id: int = 102
     mask_token_id: int = 103
+    num_images: int = 1
+    box_bins: int = 0
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -256,6 +261,10 @@ class MPlugConfig(PreTrainedConfig):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.num_images < 1:
+            raise ValueError(f"num_images={self.num_images} must be >= 1")
+        if self.box_bins < 0 or self.box_bins == 1:
+            raise ValueError(f"box_bins={self.box_bins} must be 0 (image_size + 1) or >= 2")
         if self.queue_size < 0:
             raise ValueError(f"queue_size={self.queue_size} must be >= 0 (0: no queue)")
         if v.image_size % v.patch_size != 0:

@@ -1,8 +1,15 @@
-"""mPLUG for pretraining: towers, fusion, decoder, the four objectives, and the momentum step.
+"""mPLUG models: the shared towers and their Hugging Face plumbing, the contrastive machinery
+(ITC with momentum encoders and queues, ITM with hard negatives) and the pretraining model.
 
-`forward` is pure: it computes the losses and returns the (gathered) momentum features; the
-trainer calls `momentum_update(output)` after `optimizer.step()` to move the EMA encoders and
-the feature queues. Nothing in `forward` changes the model's state.
+Every task model (`MPlugForPretraining` here; VQA, captioning, retrieval, grounding and the
+classifiers in their own modules) composes the same towers under the same names
+(`visual_encoder`, `visual_adapter`, `text_encoder`, `fusion_encoder`, `text_decoder`), so one
+checkpoint filter maps any source onto any of them, and a task model builds only the towers and
+heads its forward runs.
+
+`forward` is pure: it computes losses and returns the (gathered) momentum features; the trainer
+calls `momentum_update(output)` after `optimizer.step()` to move the EMA encoders and the
+feature queues. Nothing in `forward` changes the model's state.
 """
 
 from __future__ import annotations
@@ -34,27 +41,15 @@ from mplug.text import LMHead, TextDecoder, TextEncoder
 from mplug.vision import CLIPVisionTransformer, VisualAdapter
 
 
-@dataclass
-class MPlugPretrainingOutput:
-    """What one pretraining forward returns.
-
-    loss: () sum of the enabled objectives' losses (equal weights).
-    loss_itc, loss_itm, loss_mlm, loss_prefix: () each objective; a disabled one is a zero tensor.
-    image_feat_m, text_feat_m: (B_global, embed_dim) L2-normalised momentum features of the whole
-        data-parallel batch (gathered over ranks), to enqueue in `momentum_update`; None without ITC.
-    """
-
-    loss: torch.Tensor
-    loss_itc: torch.Tensor
-    loss_itm: torch.Tensor
-    loss_mlm: torch.Tensor
-    loss_prefix: torch.Tensor
-    image_feat_m: torch.Tensor | None = None
-    text_feat_m: torch.Tensor | None = None
+def ones_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """All-ones 1/0 mask for a (B, L, D) token sequence (visual tokens are never padded)."""
+    return torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
 
 
 class MPlugPreTrainedModel(PreTrainedModel):
-    """HF plumbing: config class, weight init, safetensors save/load, activation checkpointing."""
+    """HF plumbing (config class, weight init, safetensors save/load, activation checkpointing)
+    and the towers every task model composes. A subclass calls the `_build_*` methods it needs
+    in `__init__`, then `post_init()`."""
 
     config_class = MPlugConfig
     config: MPlugConfig
@@ -63,8 +58,48 @@ class MPlugPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
+    # ---- towers -----------------------------------------------------------------------------
+    def _build_vision(self) -> None:
+        self.visual_encoder = CLIPVisionTransformer(self.config.vision_config)
+        self.visual_adapter = VisualAdapter(self.config) if self.config.use_visual_adapter else nn.Identity()
+
+    def _build_text(self) -> None:
+        self.text_encoder = TextEncoder(self.config.text_config, self.config.text_layers)
+
+    def _build_fusion(self) -> None:
+        self.fusion_encoder = FusionEncoder(self.config)
+
+    def _build_decoder(self) -> None:
+        self.text_decoder = TextDecoder(self.config.text_config, self.config.decoder_layers)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) -> visual tokens at the text width (B, 1 + HW/p^2, D), CLS first."""
+        return self.visual_adapter(self.visual_encoder.forward_features(images))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and 1/0 mask -> text encoder states (B, L, D)."""
+        return self.text_encoder(input_ids, attention_mask)
+
+    def fuse(
+        self, text: torch.Tensor, text_mask: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused (text (B, Lt, D), visual (B, Lv, D))."""
+        return self.fusion_encoder(text, text_mask, visual, visual_mask)
+
+    def fused_memory(
+        self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text encoded and fused with `visual` -> (decoder memory [fused visual; fused text]
+        (B, Lv + Lt, D), its 1/0 mask, the fused text states (B, Lt, D))."""
+        visual_mask = ones_mask(visual)
+        fused_text, fused_visual = self.fuse(self.encode_text(input_ids, attention_mask), attention_mask,
+                                             visual, visual_mask)  # fmt: skip
+        memory = torch.cat([fused_visual, fused_text], dim=1)
+        return memory, torch.cat([visual_mask, attention_mask], dim=1), fused_text
+
+    # ---- weights ----------------------------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)  # Linear/Embedding N(0, 0.02), LayerNorm (1, 0)
+        super()._init_weights(module)  # Linear/Embedding N(0, initializer_range), LayerNorm (1, 0)
         std = self.config.text_config.initializer_range
         if isinstance(module, LMHead):
             init.zeros_(module.bias)
@@ -74,7 +109,7 @@ class MPlugPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CLIPVisionTransformer):
             init.normal_(module.pos_embed, std=std)
             init.normal_(module.cls_token, std=std)
-        elif isinstance(module, MPlugForPretraining):
+        elif isinstance(module, MPlugContrastiveModel):
             if module.temp is not None:
                 init.constant_(module.temp, self.config.temperature)
             if module.image_queue is not None:
@@ -82,6 +117,8 @@ class MPlugPreTrainedModel(PreTrainedModel):
                 init.copy_(module.image_queue, F.normalize(torch.randn_like(module.image_queue), dim=0))
                 init.copy_(module.text_queue, F.normalize(torch.randn_like(module.text_queue), dim=0))
                 init.zeros_(module.queue_ptr)
+                if module.idx_queue is not None:
+                    init.constant_(module.idx_queue, -100)  # matches no real image id
 
     def gradient_checkpointing_enable(
         self,
@@ -92,114 +129,178 @@ class MPlugPreTrainedModel(PreTrainedModel):
         """Recompute every transformer block (BERT blocks and timm ViT blocks) in backward."""
         self._activation_checkpointing_enable(gradient_checkpointing_kwargs, every_n_layers, offload)
 
+    def num_parameters_without_momentum(self) -> int:
+        """Parameters a training step uses: everything except the `_m` momentum copies."""
+        return sum(p.numel() for n, p in self.named_parameters() if "_m." not in n)
 
-class MPlugForPretraining(MPlugPreTrainedModel):
-    """mPLUG with ITC, ITM, MLM and PrefixLM heads.
+    # ---- helpers ----------------------------------------------------------------------------
+    def example_inputs(self, batch_size: int, seed: int = 0) -> dict[str, Any]:
+        """A valid forward batch for this config: random images at `config.image_size` and
+        random `[CLS] words [SEP] [PAD]*` captions of varied length, on the model's device."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        cfg = self.config
+        param = next(self.parameters())
+        gen = torch.Generator().manual_seed(seed)
+        images = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=gen)
+        ids, mask = random_captions(cfg, batch_size, cfg.max_text_len, gen)
+        return {
+            "images": images.to(param.device, param.dtype),
+            "input_ids": ids.to(param.device),
+            "attention_mask": mask.to(param.device),
+        }
 
-    Parameter groups: every ViT parameter lives under `visual_encoder.`; the visual adapter
-    (large) is separate, under `visual_adapter.` (newly initialised, so it takes the main lr).
-    Momentum copies end in `_m` and never require grad. The ITC image embedding projects the
-    CLS visual token after the adapter (text width), the text embedding the text encoder's CLS.
+
+def random_captions(
+    cfg: MPlugConfig, batch_size: int, seq: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, seq) `[CLS] words [SEP] [PAD]*` ids of random lengths and their 1/0 mask."""
+    # Ordinary word ids: above [MASK] and the [unused*] block of the BERT vocabulary.
+    specials = (cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id, cfg.pad_token_id_text)
+    low = 1000 if cfg.text_config.vocab_size > 2000 else max(specials) + 1
+    ids = torch.randint(low, cfg.text_config.vocab_size, (batch_size, seq), generator=gen)
+    lengths = torch.randint(min(4, seq), seq + 1, (batch_size,), generator=gen)  # incl. [CLS]/[SEP]
+    pos = torch.arange(seq)[None]
+    ids[:, 0] = cfg.cls_token_id
+    ids = torch.where(pos == lengths[:, None] - 1, torch.full_like(ids, cfg.sep_token_id), ids)
+    mask = (pos < lengths[:, None]).long()
+    return ids.masked_fill(mask == 0, cfg.pad_token_id_text), mask
+
+
+@dataclass
+class ContrastiveKeys:
+    """Momentum features of one optimizer step: every micro-batch of every rank, in the order
+    (rank, micro-batch, row). ITC scores each query against all of them (plus the queue); the
+    momentum step enqueues them once.
+
+    image, text: (N, embed_dim) L2-normalised. image_ids: (N,) int64 or None: rows with equal
+    ids are positives of each other (retrieval: captions of one image); None: only a row's own
+    pair is positive (pretraining).
     """
 
-    def __init__(self, config: MPlugConfig) -> None:
-        super().__init__(config)
-        tc = config.text_config
-        width = tc.hidden_size
-        self.visual_encoder = CLIPVisionTransformer(config.vision_config)
-        self.visual_adapter = VisualAdapter(config) if config.use_visual_adapter else nn.Identity()
-        self.text_encoder = TextEncoder(tc, config.text_layers)
-        self.fusion_encoder = FusionEncoder(config)
-        self.text_decoder = TextDecoder(tc, config.decoder_layers)
-        # Heads exist only for enabled objectives: no layer is built that forward never runs.
-        self.mlm_head = LMHead(tc) if config.use_mlm else None
-        self.itm_head = nn.Linear(width, 2) if config.use_itm else None
-        self.vision_proj = nn.Linear(width, config.embed_dim) if config.use_itc else None
-        self.text_proj = nn.Linear(width, config.embed_dim) if config.use_itc else None
+    image: torch.Tensor
+    text: torch.Tensor
+    image_ids: torch.Tensor | None = None
+
+
+class MPlugContrastiveModel(MPlugPreTrainedModel):
+    """Vision and text towers, fusion, ITC projections with momentum encoders and queues, and the
+    ITM head: what pretraining and retrieval share.
+
+    Parameter groups: every ViT parameter lives under `visual_encoder.`; the visual adapter
+    (large) under `visual_adapter.`. Momentum copies end in `_m` and never require grad. The ITC
+    image embedding projects the CLS visual token after the adapter, the text embedding the
+    text encoder's CLS.
+    """
+
+    def _build_contrastive(self, itc: bool, itm: bool, id_queue: bool = False) -> None:
+        config, width = self.config, self.config.text_config.hidden_size
+        self._build_vision()
+        self._build_text()
+        self._build_fusion()
+        self.itm_head = nn.Linear(width, 2) if itm else None
+        self.vision_proj = nn.Linear(width, config.embed_dim) if itc else None
+        self.text_proj = nn.Linear(width, config.embed_dim) if itc else None
         # Shape (1,), not a scalar: FSDP2 cannot shard 0-d parameters (official: scalar).
-        self.temp = nn.Parameter(torch.full((1,), config.temperature)) if config.use_itc else None
-        if config.use_itc:
-            self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
-            self.visual_adapter_m = copy.deepcopy(self.visual_adapter)
-            self.text_encoder_m = copy.deepcopy(self.text_encoder)
-            self.vision_proj_m = copy.deepcopy(self.vision_proj)
-            self.text_proj_m = copy.deepcopy(self.text_proj)
-            for module in self._momentum_pairs_modules():
-                module.requires_grad_(False)
-            self.register_buffer("image_queue", torch.zeros(config.embed_dim, config.queue_size))
-            self.register_buffer("text_queue", torch.zeros(config.embed_dim, config.queue_size))
-            self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        else:
-            self.image_queue = self.text_queue = self.queue_ptr = None
-        # Which token ids start a word (not a '##' continuation); PrefixLM cuts only there.
-        # A plain CPU tensor, not a buffer: it is derived from the vocabulary, never saved.
-        self._word_start = _word_start_table(tc.vocab_size)
-        self.post_init()
-        self._sync_momentum()
+        self.temp = nn.Parameter(torch.full((1,), config.temperature)) if itc else None
+        if not itc:
+            self.image_queue = self.text_queue = self.queue_ptr = self.idx_queue = None
+            return
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.visual_adapter_m = copy.deepcopy(self.visual_adapter)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for module in self._momentum_modules():
+            module.requires_grad_(False)
+        self.register_buffer("image_queue", torch.zeros(config.embed_dim, config.queue_size))
+        self.register_buffer("text_queue", torch.zeros(config.embed_dim, config.queue_size))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # Retrieval: the image id of each queued pair (its captions are positives of each other).
+        idx = torch.full((config.queue_size,), -100, dtype=torch.long) if id_queue else None
+        self.register_buffer("idx_queue", idx)
 
     # ---- momentum -----------------------------------------------------------------------
     def _momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        if not self.config.use_itc:
+        if self.temp is None:
             return []
         names = ("visual_encoder", "visual_adapter", "text_encoder", "vision_proj", "text_proj")
         return [(getattr(self, n), getattr(self, n + "_m")) for n in names]
 
-    def _momentum_pairs_modules(self) -> list[nn.Module]:
+    def _momentum_modules(self) -> list[nn.Module]:
         return [m for _, m in self._momentum_pairs()]
 
     @torch.no_grad()
-    def _sync_momentum(self) -> None:
+    def sync_momentum(self) -> None:
+        """Copy the online towers into their momentum copies (after loading online weights)."""
         for online, momentum in self._momentum_pairs():
             for p, p_m in zip(online.parameters(), momentum.parameters()):
                 p_m.copy_(p)
 
+    _sync_momentum = sync_momentum  # the name mplug.official calls (until the checkpoint filter moves)
+
     @torch.no_grad()
-    def momentum_update(self, output: MPlugPretrainingOutput) -> None:
+    def momentum_features(
+        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's momentum ITC features (B, E) of images and texts (no grad)."""
+        visual = self.visual_adapter_m(self.visual_encoder_m.forward_features(images))
+        image = F.normalize(self.vision_proj_m(visual[:, 0]), dim=-1)
+        text = F.normalize(self.text_proj_m(self.text_encoder_m(input_ids, attention_mask)[:, 0]), dim=-1)
+        return image, text
+
+    @torch.no_grad()
+    def momentum_update(self, output: Any) -> None:
         """After `optimizer.step()`: clamp the temperature, EMA-update the momentum encoders and
-        enqueue the gathered momentum features of `output`. Call it on the unwrapped module on
-        every rank (the gathered features are identical everywhere, so queues stay in sync)."""
-        if not self.config.use_itc:
+        enqueue the step's momentum keys carried by `output` (`output.keys`). Call it on the
+        unwrapped module on every rank (the gathered keys are identical everywhere, so queues
+        stay in sync), once per optimizer step."""
+        if self.temp is None:
             return
         self.temp.clamp_(TEMP_MIN, TEMP_MAX)
         m = self.config.momentum
         online = [p for o, _ in self._momentum_pairs() for p in o.parameters()]
         target = [p for _, t in self._momentum_pairs() for p in t.parameters()]
         torch._foreach_lerp_(target, online, 1.0 - m)  # p_m = m * p_m + (1 - m) * p
-        if output.image_feat_m is not None:
-            self._enqueue(output.image_feat_m, output.text_feat_m)
+        keys = getattr(output, "keys", None)
+        if keys is not None:
+            self._enqueue(keys)
 
-    def _enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
+    def _enqueue(self, keys: ContrastiveKeys) -> None:
         q = self.config.queue_size
         if q == 0:
             return
-        image_feat, text_feat = (
-            image_feat[-q:],
-            text_feat[-q:],
-        )  # a batch larger than the queue keeps its tail
-        n = image_feat.shape[0]
+        image, text = keys.image[-q:], keys.text[-q:]  # more keys than slots: the newest stay
+        n = image.shape[0]
         ptr = int(self.queue_ptr.item())
         idx = (ptr + torch.arange(n, device=self.image_queue.device)) % q
-        self.image_queue[:, idx] = image_feat.t().to(self.image_queue.dtype)
-        self.text_queue[:, idx] = text_feat.t().to(self.text_queue.dtype)
+        self.image_queue[:, idx] = image.t().to(self.image_queue.dtype)
+        self.text_queue[:, idx] = text.t().to(self.text_queue.dtype)
+        if self.idx_queue is not None and keys.image_ids is not None:
+            self.idx_queue[idx] = keys.image_ids[-q:].to(self.idx_queue.device)
         self.queue_ptr[0] = (ptr + n) % q
 
-    # ---- encoders -----------------------------------------------------------------------
-    def encode_image(self, images: torch.Tensor, momentum: bool = False) -> torch.Tensor:
-        """images (B, 3, H, W) -> visual tokens at the text width (B, 1 + HW/p^2, D), CLS first."""
-        vit, adapter = (
-            (self.visual_encoder_m, self.visual_adapter_m)
-            if momentum
-            else (self.visual_encoder, self.visual_adapter)
-        )
-        return adapter(vit.forward_features(images))
+    def gather_keys(
+        self, micro_batches: list[dict[str, torch.Tensor]], image_ids: list[torch.Tensor] | None = None
+    ) -> tuple[ContrastiveKeys, list[int]]:
+        """Momentum keys of every micro-batch of this step, gathered over ranks, and each
+        micro-batch's offset (its first row) among them. With one micro-batch and one rank
+        this is the batch's own momentum features at offset 0."""
+        parts = [
+            self.momentum_features(b["images"], b["input_ids"], b["attention_mask"]) for b in micro_batches
+        ]
+        image_all, rank_offset = gather_features(torch.cat([p[0] for p in parts]))
+        text_all, _ = gather_features(torch.cat([p[1] for p in parts]))
+        ids_all = gather_features(torch.cat(image_ids))[0] if image_ids is not None else None
+        offsets, start = [], rank_offset
+        for p in parts:
+            offsets.append(start)
+            start += p[0].shape[0]
+        return ContrastiveKeys(image_all, text_all, ids_all), offsets
 
-    def fuse(
-        self, text: torch.Tensor, text_mask: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.fusion_encoder(text, text_mask, visual, visual_mask)
-
+    # ---- ITC / ITM ------------------------------------------------------------------------
     def _require_itc(self, what: str) -> None:
-        if not self.config.use_itc:
+        if self.temp is None:
             raise ValueError(f"{what} needs the ITC projections, but this model has use_itc=False")
 
     def encode_image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -210,7 +311,12 @@ class MPlugForPretraining(MPlugPreTrainedModel):
     def encode_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask -> (B, embed_dim) L2-normalised ITC text embeddings."""
         self._require_itc("encode_text_features")
-        return F.normalize(self.text_proj(self.text_encoder(input_ids, attention_mask)[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(self.encode_text(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    def itm_logits(self, visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Matched/unmatched logits (B, 2) of (visual tokens, encoded text) row pairs."""
+        fused, _ = self.fuse(text, text_mask, visual, ones_mask(visual))
+        return self.itm_head(fused[:, 0])
 
     def itm_scores(
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -219,83 +325,150 @@ class MPlugForPretraining(MPlugPreTrainedModel):
         if self.itm_head is None:
             raise ValueError("itm_scores needs the ITM head, but this model has use_itm=False")
         visual = self.encode_image(images)
-        text = self.text_encoder(input_ids, attention_mask)
-        fused, _ = self.fuse(text, attention_mask, visual, _ones_mask(visual))
-        return self.itm_head(fused[:, 0]).softmax(-1)[:, 1]
+        text = self.encode_text(input_ids, attention_mask)
+        return self.itm_logits(visual, text, attention_mask).float().softmax(-1)[:, 1]
 
-    # ---- forward ------------------------------------------------------------------------
+    def _itc(
+        self,
+        visual: torch.Tensor,
+        text: torch.Tensor,
+        keys: ContrastiveKeys,
+        offset: int,
+        alpha: float,
+        image_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ITC loss of this micro-batch's queries against `keys` + the queue, and the in-batch
+        similarities (B, B) that ITM draws hard negatives from."""
+        b = visual.shape[0]
+        image_feat = F.normalize(self.vision_proj(visual[:, 0]), dim=-1)  # (B, E)
+        text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)  # (B, E)
+        temp = self.temp.clamp(TEMP_MIN, TEMP_MAX)
+        positives = None
+        if image_ids is not None:
+            key_ids = torch.cat([keys.image_ids, self.idx_queue])  # (N + Q,)
+            positives = image_ids[:, None] == key_ids[None, :]  # (B, N + Q)
+        loss = itc_loss(
+            image_feat, text_feat, keys.image, keys.text,
+            self.image_queue, self.text_queue,  # itc_loss concatenates: autograd never holds the queues
+            offset, temp, alpha, keys.image[offset : offset + b], keys.text[offset : offset + b],
+            positives=positives,
+        )  # fmt: skip
+        sim_i2t = image_feat @ text_feat.t() / temp  # (B, B) in-batch
+        if image_ids is not None:  # another caption of the same image is no negative
+            sim_i2t = sim_i2t.masked_fill(image_ids[:, None] == image_ids[None, :], -float("inf"))
+        return loss, sim_i2t
+
+    def _itm_loss(
+        self,
+        visual: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        sim_i2t: torch.Tensor | None,
+    ) -> torch.Tensor:
+        b = visual.shape[0]
+        if b < 2:
+            raise ValueError(f"ITM draws in-batch negatives and needs batch_size >= 2, got {b}")
+        if sim_i2t is None:  # without ITC there are no similarities: negatives uniformly at random
+            sim_i2t = visual.new_zeros(b, b, dtype=torch.float32)
+        neg_text, neg_image = sample_hard_negatives(sim_i2t.detach(), sim_i2t.detach().t())
+        # One fused pass over 3B pairs: positives, (image, hard-negative text), (hard-negative image, text).
+        texts = torch.cat([text, text[neg_text], text], dim=0)
+        text_masks = torch.cat([text_mask, text_mask[neg_text], text_mask], dim=0)
+        visuals = torch.cat([visual, visual, visual[neg_image]], dim=0)
+        logits = self.itm_logits(visuals, texts, text_masks)  # (3B, 2)
+        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        return F.cross_entropy(logits.float(), labels)
+
+
+@dataclass
+class MPlugPretrainingOutput:
+    """What one pretraining forward returns.
+
+    loss: () sum of the enabled objectives' losses (equal weights).
+    loss_itc, loss_itm, loss_mlm, loss_prefix: () each objective; a disabled one is a zero tensor.
+    keys: the step's momentum keys (gathered over ranks and micro-batches) for
+        `momentum_update`; None without ITC.
+    """
+
+    loss: torch.Tensor
+    loss_itc: torch.Tensor
+    loss_itm: torch.Tensor
+    loss_mlm: torch.Tensor
+    loss_prefix: torch.Tensor
+    keys: ContrastiveKeys | None = None
+
+    @property
+    def image_feat_m(self) -> torch.Tensor | None:
+        """(N, embed_dim) gathered momentum image features (what the queue receives)."""
+        return None if self.keys is None else self.keys.image
+
+    @property
+    def text_feat_m(self) -> torch.Tensor | None:
+        return None if self.keys is None else self.keys.text
+
+
+class MPlugForPretraining(MPlugContrastiveModel):
+    """mPLUG with ITC, ITM, MLM and PrefixLM heads (each built only when its objective is on)."""
+
+    def __init__(self, config: MPlugConfig) -> None:
+        super().__init__(config)
+        self._build_contrastive(itc=config.use_itc, itm=config.use_itm)
+        self._build_decoder()
+        self.mlm_head = LMHead(config.text_config) if config.use_mlm else None
+        # Which token ids start a word (not a '##' continuation); PrefixLM cuts only there. Derived
+        # from the vocabulary, not learnt: a non-persistent buffer the task sets from its
+        # tokenizer (`set_word_starts`); until then every token counts as a word start.
+        self.register_buffer(
+            "word_start", torch.ones(config.text_config.vocab_size, dtype=torch.bool), persistent=False
+        )
+        self.post_init()
+        self.sync_momentum()
+
+    def set_word_starts(self, table: torch.Tensor) -> None:
+        """(V,) bool: True where a token id starts a word (`mplug.tokenizer.word_start_table`)."""
+        if table.shape != self.word_start.shape:
+            raise ValueError(
+                f"word-start table {tuple(table.shape)} != vocabulary {tuple(self.word_start.shape)}"
+            )
+        self.word_start.copy_(table)
+
     def forward(
         self,
         images: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         alpha: float = 0.0,
+        keys: ContrastiveKeys | None = None,
+        key_offset: int = 0,
     ) -> MPlugPretrainingOutput:
         """images (B, 3, H, W), input_ids/attention_mask (B, L) `[CLS] ... [SEP] [PAD]*`;
-        alpha: momentum-distillation weight for ITC (0 disables distillation)."""
+        alpha: momentum-distillation weight for ITC (0 disables distillation); keys/key_offset:
+        the step's momentum keys (`gather_keys`) when the step has several micro-batches; by
+        default this batch's own, gathered over ranks."""
         cfg = self.config
         visual = self.encode_image(images)  # (B, Lv, D)
-        visual_mask = _ones_mask(visual)  # (B, Lv)
-        text = self.text_encoder(input_ids, attention_mask)  # (B, L, D)
+        visual_mask = ones_mask(visual)  # (B, Lv)
+        text = self.encode_text(input_ids, attention_mask)  # (B, L, D)
         zero = visual.new_zeros((), dtype=torch.float32)
         loss_itc = loss_itm = loss_mlm = loss_prefix = zero
-        image_all = text_all = None
-        sim_i2t = sim_t2i = None
-
+        sim_i2t = None
         if cfg.use_itc:
-            image_feat = F.normalize(self.vision_proj(visual[:, 0]), dim=-1)  # (B, E)
-            text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)  # (B, E)
-            temp = self.temp.clamp(TEMP_MIN, TEMP_MAX)
-            with torch.no_grad():
-                image_feat_m = F.normalize(
-                    self.vision_proj_m(self.encode_image(images, momentum=True)[:, 0]), dim=-1
+            if keys is None:
+                keys, offsets = self.gather_keys(
+                    [{"images": images, "input_ids": input_ids, "attention_mask": attention_mask}]
                 )
-                text_feat_m = F.normalize(
-                    self.text_proj_m(self.text_encoder_m(input_ids, attention_mask)[:, 0]), dim=-1
-                )
-                image_all, offset = gather_features(image_feat_m)  # (B_global, E)
-                text_all, _ = gather_features(text_feat_m)
-            loss_itc = itc_loss(
-                image_feat, text_feat, image_all, text_all,
-                self.image_queue, self.text_queue,  # itc_loss concatenates: autograd never holds the queues
-                offset, temp, alpha, image_feat_m, text_feat_m,
-            )  # fmt: skip
-            sim_i2t = image_feat @ text_feat.t() / temp  # (B, B) in-batch, for hard negatives
-            sim_t2i = sim_i2t.t()
-
+                key_offset = offsets[0]
+            loss_itc, sim_i2t = self._itc(visual, text, keys, key_offset, alpha)
+        else:
+            keys = None
         if cfg.use_itm:
-            loss_itm = self._itm_loss(visual, visual_mask, text, attention_mask, sim_i2t, sim_t2i)
+            loss_itm = self._itm_loss(visual, text, attention_mask, sim_i2t)
         if cfg.use_mlm:
             loss_mlm = self._mlm_loss(input_ids, attention_mask, visual, visual_mask)
         if cfg.use_prefix:
             loss_prefix = self._prefix_loss(input_ids, attention_mask, visual, visual_mask)
-
         loss = loss_itc + loss_itm + loss_mlm + loss_prefix
-        return MPlugPretrainingOutput(loss, loss_itc, loss_itm, loss_mlm, loss_prefix, image_all, text_all)
-
-    def _itm_loss(
-        self,
-        visual: torch.Tensor,
-        visual_mask: torch.Tensor,
-        text: torch.Tensor,
-        text_mask: torch.Tensor,
-        sim_i2t: torch.Tensor | None,
-        sim_t2i: torch.Tensor | None,
-    ) -> torch.Tensor:
-        b = visual.shape[0]
-        if b < 2:
-            raise ValueError(f"ITM draws in-batch negatives and needs batch_size >= 2, got {b}")
-        if sim_i2t is None:  # without ITC there are no similarities: negatives uniformly at random
-            sim_i2t = sim_t2i = visual.new_zeros(b, b, dtype=torch.float32)
-        neg_text, neg_image = sample_hard_negatives(sim_i2t.detach(), sim_t2i.detach())
-        # One fused pass over 3B pairs: positives, (image, hard-negative text), (hard-negative image, text).
-        texts = torch.cat([text, text[neg_text], text], dim=0)
-        text_masks = torch.cat([text_mask, text_mask[neg_text], text_mask], dim=0)
-        visuals = torch.cat([visual, visual, visual[neg_image]], dim=0)
-        fused, _ = self.fuse(texts, text_masks, visuals, visual_mask.repeat(3, 1))
-        logits = self.itm_head(fused[:, 0])  # (3B, 2)
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
-        return F.cross_entropy(logits.float(), labels)
+        return MPlugPretrainingOutput(loss, loss_itc, loss_itm, loss_mlm, loss_prefix, keys)
 
     def _mlm_loss(
         self,
@@ -309,7 +482,7 @@ class MPlugForPretraining(MPlugPreTrainedModel):
             input_ids, text_mask, cfg.mlm_probability, cfg.mask_token_id, cfg.text_config.vocab_size,
             special_ids=(cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id_text),
         )  # fmt: skip
-        fused, _ = self.fuse(self.text_encoder(masked, text_mask), text_mask, visual, visual_mask)
+        fused, _ = self.fuse(self.encode_text(masked, text_mask), text_mask, visual, visual_mask)
         picked = labels != -100  # logits only where a token was masked: saves a (B, L, V) matmul
         logits = self.mlm_head(fused[picked], self.text_encoder.embeddings.word_embeddings.weight)
         return F.cross_entropy(logits.float(), labels[picked])
@@ -323,10 +496,10 @@ class MPlugForPretraining(MPlugPreTrainedModel):
     ) -> torch.Tensor:
         cfg = self.config
         prefix_ids, prefix_mask, target_ids, target_mask = split_prefix(
-            input_ids, text_mask, self._word_start, cfg.cls_token_id, cfg.pad_token_id_text
+            input_ids, text_mask, self.word_start, cfg.cls_token_id, cfg.pad_token_id_text
         )
-        text = self.text_encoder(prefix_ids, prefix_mask)
-        fused_text, fused_visual = self.fuse(text, prefix_mask, visual, visual_mask)
+        fused_text, fused_visual = self.fuse(self.encode_text(prefix_ids, prefix_mask), prefix_mask,
+                                             visual, visual_mask)  # fmt: skip
         memory = torch.cat([fused_visual, fused_text], dim=1)  # decoder reads [visual; prefix]
         memory_mask = torch.cat([visual_mask, prefix_mask], dim=1)
         hidden, _ = self.text_decoder(target_ids, target_mask, memory, memory_mask)
@@ -344,14 +517,12 @@ class MPlugForPretraining(MPlugPreTrainedModel):
         """What the decoder cross-attends to: visual tokens alone (captioning), or the fused
         [visual; prompt] when a text prompt / question is given (VQA)."""
         visual = self.encode_image(images)
-        visual_mask = _ones_mask(visual)
         if prompt_ids is None:
-            return visual, visual_mask
+            return visual, ones_mask(visual)
         if prompt_mask is None:
             prompt_mask = (prompt_ids != self.config.pad_token_id_text).long()
-        text = self.text_encoder(prompt_ids, prompt_mask)
-        fused_text, fused_visual = self.fuse(text, prompt_mask, visual, visual_mask)
-        return torch.cat([fused_visual, fused_text], 1), torch.cat([visual_mask, prompt_mask], 1)
+        memory, memory_mask, _ = self.fused_memory(visual, prompt_ids, prompt_mask)
+        return memory, memory_mask
 
     @torch.no_grad()
     def generate(
@@ -380,64 +551,3 @@ class MPlugForPretraining(MPlugPreTrainedModel):
             num_beams=num_beams, max_length=max_length, min_length=min_length,
             length_penalty=length_penalty, use_cache=use_cache,
         )  # fmt: skip
-
-    # ---- helpers ------------------------------------------------------------------------
-    def example_inputs(self, batch_size: int, seed: int = 0) -> dict[str, Any]:
-        """A valid forward batch for this config: random images at `config.image_size` and
-        random `[CLS] words [SEP] [PAD]*` captions of varied length, on the model's device."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
-        cfg = self.config
-        param = next(self.parameters())
-        gen = torch.Generator().manual_seed(seed)
-        size, seq = cfg.image_size, cfg.max_text_len
-        images = torch.randn(batch_size, 3, size, size, generator=gen)
-        # Ordinary word ids: above [MASK] and the [unused*] block of the BERT vocabulary.
-        specials = (cfg.cls_token_id, cfg.sep_token_id, cfg.mask_token_id, cfg.pad_token_id_text)
-        low = 1000 if cfg.text_config.vocab_size > 2000 else max(specials) + 1
-        ids = torch.randint(low, cfg.text_config.vocab_size, (batch_size, seq), generator=gen)
-        lengths = torch.randint(min(4, seq), seq + 1, (batch_size,), generator=gen)  # incl. [CLS]/[SEP]
-        pos = torch.arange(seq)[None]
-        ids[:, 0] = cfg.cls_token_id
-        ids = torch.where(pos == lengths[:, None] - 1, torch.full_like(ids, cfg.sep_token_id), ids)
-        mask = (pos < lengths[:, None]).long()
-        ids = ids.masked_fill(mask == 0, cfg.pad_token_id_text)
-        dev = param.device
-        return {
-            "images": images.to(dev, param.dtype),
-            "input_ids": ids.to(dev),
-            "attention_mask": mask.to(dev),
-        }
-
-    def init_text_from_bert(self, state_dict_or_dir: Any) -> Any:
-        """Same as `mplug.official.init_text_from_bert(self, state_dict_or_dir)`."""
-        from mplug.official import init_text_from_bert  # official.py imports this module
-
-        return init_text_from_bert(self, state_dict_or_dir)
-
-    def num_parameters_without_momentum(self) -> int:
-        """Parameters a training step uses: everything except the `_m` momentum copies."""
-        return sum(p.numel() for n, p in self.named_parameters() if "_m." not in n)
-
-
-def _ones_mask(tokens: torch.Tensor) -> torch.Tensor:
-    """All-ones 1/0 mask for a (B, L, D) token sequence (visual tokens are never padded)."""
-    return torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
-
-
-def _word_start_table(vocab_size: int) -> torch.Tensor:
-    """(V,) bool: True for tokens that start a word. Built from the packaged BERT vocabulary when it
-    matches `vocab_size`; otherwise every token counts as a word start (any cut is a word cut)."""
-    from mplug.tokenizer import load_tokenizer
-
-    table = torch.ones(vocab_size, dtype=torch.bool, device="cpu")
-    try:
-        vocab = load_tokenizer().get_vocab()
-    except FileNotFoundError:
-        return table
-    if len(vocab) != vocab_size:
-        return table
-    for token, idx in vocab.items():
-        if token.startswith("##"):
-            table[idx] = False
-    return table

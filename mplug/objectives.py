@@ -37,20 +37,28 @@ def itc_loss(
     alpha: float,
     image_feat_m: torch.Tensor,
     text_feat_m: torch.Tensor,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Image-text contrastive loss with momentum keys, queues and momentum distillation.
 
     image_feat, text_feat: (B, E) online features of this rank, L2-normalised.
     *_m_all: (B_global, E) momentum features gathered over ranks; *_m: (B, E) this rank's.
     *_queue: (E, Q) queued momentum features. offset: index of this rank's first row in the
-    gathered batch (the positives). Returns the mean over this rank's pairs of (i2t + t2i) / 2;
-    averaged over ranks this equals the loss of one process holding the whole batch.
+    gathered batch (the positives). positives: optional (B, B_global + Q) bool, True where a key
+    is a positive of the query (retrieval: every caption of the query's image, as ALBEF/mPLUG
+    finetune it); the target then spreads evenly over a query's positives. Returns the mean over
+    this rank's pairs of (i2t + t2i) / 2; averaged over ranks this equals the loss of one process
+    holding the whole batch.
     """
     text_keys = torch.cat([text_feat_m_all.t(), text_queue], dim=1)  # (E, B_global + Q)
     image_keys = torch.cat([image_feat_m_all.t(), image_queue], dim=1)  # (E, B_global + Q)
     b = image_feat.shape[0]
-    targets = torch.zeros(b, text_keys.shape[1], device=image_feat.device, dtype=image_feat.dtype)
-    targets[torch.arange(b), offset + torch.arange(b)] = 1.0  # (B, B_global + Q)
+    if positives is None:
+        targets = torch.zeros(b, text_keys.shape[1], device=image_feat.device, dtype=image_feat.dtype)
+        targets[torch.arange(b), offset + torch.arange(b)] = 1.0  # (B, B_global + Q)
+    else:
+        targets = positives.to(image_feat.dtype)
+        targets = targets / targets.sum(1, keepdim=True)
     if alpha > 0:
         with torch.no_grad():  # momentum distillation: soften targets with the momentum model
             targets_i2t = alpha * F.softmax(image_feat_m @ text_keys / temp, dim=1) + (1 - alpha) * targets
@@ -77,8 +85,9 @@ def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple
     of the in-batch similarities with the positive excluded. sim_*: (B, B) -> indices (B,), (B,)."""
     with torch.no_grad():
         eye = torch.eye(sim_i2t.shape[0], dtype=torch.bool, device=sim_i2t.device)
-        w_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(eye, 0) + 1e-6 * (~eye)
-        w_t2i = F.softmax(sim_t2i.float(), dim=1).masked_fill(eye, 0) + 1e-6 * (~eye)
+        # A row may be all -inf (every other text is of the same image): nan_to_num makes it uniform.
+        w_i2t = F.softmax(sim_i2t.float(), dim=1).nan_to_num(0.0).masked_fill(eye, 0) + 1e-6 * (~eye)
+        w_t2i = F.softmax(sim_t2i.float(), dim=1).nan_to_num(0.0).masked_fill(eye, 0) + 1e-6 * (~eye)
         neg_text = torch.multinomial(w_i2t, 1).squeeze(1)  # text index for each image
         neg_image = torch.multinomial(w_t2i, 1).squeeze(1)  # image index for each text
     return neg_text, neg_image

@@ -42,3 +42,19 @@ def load_tokenizer(path: str | None = None) -> BertTokenizerFast:
     """A BERT uncased fast tokenizer, loaded once per process."""
     folder = Path(path) if path else tokenizer_path()
     return BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+
+
+def word_start_table(vocab_size: int, path: str | None = None):
+    """(V,) bool tensor: True for token ids that start a word (not a '##' continuation), from the
+    tokenizer's vocabulary (PrefixLM cuts captions only at word starts). A vocabulary of another
+    size than `vocab_size` (a test model with a cut vocabulary) gives all-True: any cut is a cut."""
+    import torch
+
+    table = torch.ones(vocab_size, dtype=torch.bool)
+    vocab = load_tokenizer(path).get_vocab()
+    if len(vocab) != vocab_size:
+        return table
+    for token, idx in vocab.items():
+        if token.startswith("##"):
+            table[idx] = False
+    return table

@@ -12,19 +12,62 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
 
-STREAM_COLUMNS = ["key", "image", "caption", "question"]
+STREAM_COLUMNS = ("key", "image", "caption", "question")
 
 
-def read_shard_rows(batch: dict[str, np.ndarray], rows_per_block: int) -> Iterator[pa.Table]:
-    """Stream the `STREAM_COLUMNS` of each listed parquet shard as blocks of `rows_per_block`."""
+def read_shard_rows(
+    batch: dict[str, np.ndarray],
+    rows_per_block: int,
+    columns: tuple[str, ...] = STREAM_COLUMNS,
+    keep_keys: frozenset[str] | None = None,
+) -> Iterator[pa.Table]:
+    """Stream `columns` of each listed parquet shard as blocks of `rows_per_block` (only rows
+    whose `key` is in `keep_keys`, when given). A column a shard lacks (written before the
+    column existed) comes as nulls of its schema type, so every block has the same columns."""
+    from pipelines.data.records import DATA_SCHEMA
+
+    wanted = pa.array(sorted(keep_keys), pa.string()) if keep_keys is not None else None
     for uri in batch["path"]:
         fs, path = storage.pyarrow_fs(str(uri))
         with fs.open_input_file(path) as f:
             shard = pq.ParquetFile(f)
-            columns = [c for c in STREAM_COLUMNS if c in shard.schema_arrow.names]
-            for record_batch in shard.iter_batches(batch_size=rows_per_block, columns=columns):
-                yield pa.Table.from_batches([record_batch])
+            present = [c for c in columns if c in shard.schema_arrow.names]
+            missing = [c for c in columns if c not in present]
+            for record_batch in shard.iter_batches(batch_size=rows_per_block, columns=present):
+                table = pa.Table.from_batches([record_batch])
+                if wanted is not None:
+                    table = table.filter(pc.is_in(table.column("key"), value_set=wanted))
+                    if table.num_rows == 0:
+                        continue
+                for name in missing:
+                    kind = DATA_SCHEMA.field(name).type if name in DATA_SCHEMA.names else pa.null()
+                    table = table.append_column(name, pa.nulls(table.num_rows, kind))
+                yield table.select(list(columns))
+
+
+def read_columns(data_uris: list[str], columns: tuple[str, ...]) -> pa.Table:
+    """`columns` of every processed shard of the given ingest outputs, as one table (read on the
+    caller: for small text columns such as captions and image ids, never images)."""
+    from pipelines.data.records import DATA_SCHEMA
+
+    tables = []
+    for uri in data_uris:
+        for shard in storage.list_files(storage.join(uri, "data"), ".parquet"):
+            fs, path = storage.pyarrow_fs(shard)
+            with fs.open_input_file(path) as f:
+                parquet = pq.ParquetFile(f)
+                present = [c for c in columns if c in parquet.schema_arrow.names]
+                table = parquet.read(columns=present)
+            for name in columns:
+                if name not in present:
+                    kind = DATA_SCHEMA.field(name).type if name in DATA_SCHEMA.names else pa.null()
+                    table = table.append_column(name, pa.nulls(table.num_rows, kind))
+            tables.append(table.select(list(columns)))
+    if not tables:
+        raise FileNotFoundError(f"no processed shards under {data_uris}: run `mplug ingest` first")
+    return pa.concat_tables(tables)

@@ -1,6 +1,9 @@
-"""Typed pretraining job config, validated once at the edge (YAML + CLI overrides).
+"""Typed training job config (pretraining and every finetuning task), validated once at the
+edge (YAML + CLI overrides).
 
 An unknown key or a wrong type fails with the key's dotted path, before any Ray worker starts.
+Sections: `model` (preset, overrides, weight sources), `data`, `optim`, `scaling`, `run`, and
+one section per task for what only that task reads.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS = ("tiny", "mini", "base", "large")
+TASK_NAMES = ("pretrain", "vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve")
 
 
 class _Strict(BaseModel):
@@ -23,8 +27,17 @@ class ModelSection(_Strict):
     preset: Literal["tiny", "mini", "base", "large"] = "tiny"
     # MPlugConfig fields to override on the preset, e.g. {"fusion_mode": "merged", "queue_size": 4096}.
     overrides: dict[str, Any] = Field(default_factory=dict)
+    # Weights to start from (any URI). `init`: a whole model — a run of ours (STORAGE/RUN/final,
+    # or one STORAGE/RUN/checkpoint_*) or an official mPLUG checkpoint (.pth: pretraining or a
+    # task's). Required by finetuning tasks. `init_vision` / `init_text`: the towers, as the
+    # official pretraining starts: an OpenAI CLIP checkpoint (ViT-B/16 or ViT-L/14; TorchScript
+    # or a state dict) and a Hugging Face BERT folder (config.json + weights). `init` is loaded
+    # last, so it wins where both give a weight.
+    init: str | None = None
+    init_vision: str | None = None
+    init_text: str | None = None
     # Initialise text encoder/fusion/decoder from the packaged MiniLM ("mini") as the official
-    # code initialises from bert-base; ignored for presets whose width does not match.
+    # code initialises from bert-base (an `init_text` that needs no download).
     init_text_from_packaged_bert: bool = False
     gradient_checkpointing: bool = False
 
@@ -32,13 +45,20 @@ class ModelSection(_Strict):
 class DataSection(_Strict):
     # Output URIs of `mplug ingest`; several mix corpora.
     uris: list[str] = Field(default_factory=list)
+    # Held-out ingest outputs scored with the task's metric every `run.eval_every_epochs` and at
+    # the end (the primary metric Tune optimises); empty: no evaluation during training.
+    eval_uris: list[str] = Field(default_factory=list)
     batch_size: int = Field(32, gt=0, description="per worker, per micro-step")
+    eval_batch_size: int | None = Field(None, gt=0, description="None: data.batch_size")
     image_size: int | None = Field(None, gt=0, description="None: the model config's")
     max_text_len: int | None = Field(None, gt=2, description="None: the model config's")
     local_shuffle_buffer: int = Field(256, ge=0)
-    # RandomResizedCrop's smallest area fraction: 0.2 is the official pretraining value; a
-    # corpus whose captions name positions and counts (the synthetic one) wants milder crops.
-    crop_min_scale: float = Field(0.2, gt=0, le=1)
+    # RandomResizedCrop's smallest area fraction; None: the task's official value (pretraining
+    # 0.2, finetuning 0.5). A corpus whose captions name positions and counts (the synthetic
+    # one) wants milder crops.
+    crop_min_scale: float | None = Field(None, gt=0, le=1)
+    # Concurrent Ray Data transform tasks; None: every cluster CPU the training workers leave.
+    transform_tasks: int | None = Field(None, gt=0)
 
 
 class OptimSection(_Strict):
@@ -84,6 +104,7 @@ class RunSection(_Strict):
     num_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(2, ge=-1)
     log_every: int = Field(10, gt=0)
+    eval_every_epochs: int = Field(1, gt=0, description="with data.eval_uris; the last step always evaluates")
     seed: int = 0
 
     @field_validator("name")
@@ -100,12 +121,69 @@ class RunSection(_Strict):
         return self
 
 
-class PretrainConfig(_Strict):
+class VQASection(_Strict):
+    """`task: vqa` (official `vqa_mplug_*.yaml` values as defaults)."""
+
+    answer_len: int = Field(10, gt=2, description="answer tokens incl. [CLS]/[SEP] (targets are cut there)")
+    max_answers: int = Field(10, gt=0, description="distinct answers kept per question (by weight)")
+    # A source with one answer per question (Visual Genome) weighs it this much (official 0.5).
+    single_answer_weight: float = Field(0.5, gt=0, le=1)
+    num_beams: int = Field(5, gt=0)
+    max_length: int = Field(10, gt=0, description="generated answer tokens, [SEP] included")
+    min_length: int = Field(1, gt=0)
+    # Rank a fixed answer list (a JSON list of strings, any URI) instead of generating freely,
+    # as the official `rank_answer`; `k_test` candidates re-scored per question.
+    answer_list: str | None = None
+    k_test: int = Field(128, gt=0)
+
+
+class CaptionSection(_Strict):
+    """`task: caption` (official `caption_mplug_*.yaml` / `caption_mplug_scst.py` values)."""
+
+    prompt: str = Field(
+        "", description='text every caption starts with (official: none for COCO, "a picture of " for video)'
+    )
+    caption_len: int = Field(25, gt=2, description="target tokens incl. [CLS]/[SEP]")
+    num_beams: int = Field(5, gt=0)
+    min_length: int = Field(8, gt=0, description="generated tokens, [SEP] included")
+    max_length: int = Field(25, gt=0)
+    # Second stage of the same task: self-critical training with CIDEr-D rewards (start it from
+    # the cross-entropy run: --init STORAGE/CE_RUN).
+    scst: bool = False
+    scst_beams: int = Field(5, gt=1, description="captions sampled per image by beam search")
+    # METEOR starts a JVM (a minute on a loaded machine): off for the per-epoch evaluation,
+    # on in `mplug evaluate`.
+    meteor_during_training: bool = False
+
+
+class RetrievalSection(_Strict):
+    """`task: retrieval` (official `retrieval_*_mplug_large.yaml`)."""
+
+    k_test: int = Field(256, gt=0, description="ITC candidates per query re-scored by ITM")
+
+
+class GroundingSection(_Strict):
+    """`task: grounding` (official `grounding_mplug_large.yaml`)."""
+
+    crop_probability: float = Field(0.5, ge=0, le=1, description="training crops that keep the box")
+    iou_threshold: float = Field(0.5, gt=0, le=1, description="a prediction is correct at IoU ≥ this")
+
+
+class TrainConfig(_Strict):
+    # Which task of the registry (`pipelines/tasks`) this job trains.
+    task: Literal["pretrain", "vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve"] = "pretrain"
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     run: RunSection = Field(default_factory=lambda: RunSection(max_steps=1000))
+    vqa: VQASection = Field(default_factory=VQASection)
+    caption: CaptionSection = Field(default_factory=CaptionSection)
+    retrieval: RetrievalSection = Field(default_factory=RetrievalSection)
+    grounding: GroundingSection = Field(default_factory=GroundingSection)
+
+
+PretrainConfig = TrainConfig  # the name of the pretraining-only config this grew from
 
 
 class ConfigError(ValueError):
@@ -155,14 +233,16 @@ def parse_set_args(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PretrainConfig:
-    """YAML file (or defaults) + dotted-key overrides → a validated PretrainConfig."""
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML file (or defaults) + dotted-key overrides → a validated TrainConfig."""
     raw: dict[str, Any] = {}
     source = "(defaults)"
     if path is not None:
         source = str(path)
         from pipelines import storage
 
+        if not storage.exists(str(path)):
+            raise ConfigError(f"config file {str(path)!r} does not exist")
         text = storage.read_text(str(path))
         loaded = yaml.safe_load(text) or {}
         if not isinstance(loaded, dict):
@@ -172,6 +252,6 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         raw = loaded
     raw = apply_overrides(raw, overrides or {})
     try:
-        return PretrainConfig.model_validate(raw)
+        return TrainConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None

@@ -1,4 +1,7 @@
-"""The pretraining loop every Ray Train worker runs (one per data-parallel rank)."""
+"""The one training loop every Ray Train worker runs (one per data-parallel rank), for
+pretraining and every finetuning task alike: the task (`pipelines/tasks`) supplies the model,
+the step's losses and the evaluation; this loop supplies the rest (weights, resume, data,
+accumulation, logging, evaluation schedule, checkpoints, the exported model)."""
 
 from __future__ import annotations
 
@@ -6,26 +9,21 @@ import logging
 import random
 import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipelines.data.stream import collate_rows
+from pipelines.tasks.base import StepContext, Task
 from pipelines.train.checkpoint import TrainState, load_state, save_state
-from pipelines.train.config import PretrainConfig
+from pipelines.train.config import TrainConfig
 from pipelines.train.metrics import StepMeter, format_step_line, peak_flops
 from pipelines.train.optim import build_job_optimizer
-from pipelines.train.parallel import (
-    full_optim_state,
-    full_state_dict,
-    gradient_sync,
-    load_optim_state,
-    parallelize,
-    unwrap,
-)
+from pipelines.train.parallel import full_optim_state, full_state_dict, load_optim_state, parallelize, unwrap
+from pipelines.train.step import autocast, train_step
 
 # Worker lines go through logging, not print: Ray Train V2 tees a worker's print to both stdout
 # and its logger, so every printed line reached the driver twice. Its worker root logger writes
@@ -35,25 +33,25 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """What the driver works out once, before any worker starts."""
+    """What the driver works out once, before any worker starts (`launch.plan_run`)."""
 
-    job: dict  # PretrainConfig.model_dump()
+    task: str
+    job: dict  # TrainConfig.model_dump()
     model_config: dict  # MPlugConfig.to_dict(), overrides applied
     total_steps: int
-    alpha_ramp_steps: int  # distillation α ramps up over the first epoch, as the official code
+    steps_per_epoch: int
     run_uri: str  # STORAGE/RUN: where metrics.csv, curves.png and final/ go
     flops_per_sample: float  # model FLOPs of one training sample (forward + backward)
+    train_rows: int
+    eval_rows: int
+    global_batch: int
+    weight_sources: list[str] = field(default_factory=list)  # one line per source, in load order
 
 
 def _seed(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def _autocast(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def synced_batches(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
@@ -77,32 +75,33 @@ def synced_batches(batches: Iterable[dict], device: torch.device) -> Iterator[di
         yield batch
 
 
+def build_task(plan: TrainPlan) -> Task:
+    from mplug import MPlugConfig
+    from pipelines.tasks import task_class
+
+    job = TrainConfig.model_validate(plan.job)
+    return task_class(plan.task)(job, MPlugConfig.from_dict(plan.model_config))
+
+
 def train_loop_per_worker(plan_dict: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from mplug import MPlugConfig, MPlugForPretraining, init_text_from_bert
+    from pipelines.train.init import load_initial_weights
 
     plan = TrainPlan(**plan_dict)
-    job = PretrainConfig.model_validate(plan.job)
+    task = build_task(plan)
+    job = task.job
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     # The same initial weights and ITC queues on every rank: FSDP2 shards each rank's own
     # init without a broadcast (DDP would broadcast rank 0's, but need not).
     _seed(job.run.seed)
-    model = MPlugForPretraining(MPlugConfig.from_dict(plan.model_config))
-    _seed(job.run.seed * 1000 + rank)  # per-rank masks, negatives and augmentation
-    if job.model.init_text_from_packaged_bert:
-        from mplug.tokenizer import packaged_model_dir
-
-        init_text_from_bert(model, packaged_model_dir())
-    if job.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-
+    model = task.build_model()
     state, optim_state = TrainState(world_size=world, strategy=job.scaling.strategy), None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if checkpoint is not None:  # the checkpoint holds every weight: no init source is read
         with checkpoint.as_directory() as d:
             loaded = load_state(Path(d), rank=rank)
         model.load_state_dict(loaded.model_state)
@@ -111,84 +110,80 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         state.world_size = world
         if rank == 0:
             log.info(f"[mplug] resumed from step {state.step} (checkpoint {checkpoint.path})")
+    else:
+        for line in load_initial_weights(model, job.model):
+            if rank == 0:
+                log.info(f"[mplug] {line}")
+    _seed(job.run.seed * 1000 + rank)  # per-rank masks, negatives and augmentation
+    if job.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
 
-    cfg = model.config
-    objectives_off = not all((cfg.use_itc, cfg.use_itm, cfg.use_mlm, cfg.use_prefix))
     model = parallelize(
-        model, strategy=job.scaling.strategy, device=device, find_unused_parameters=objectives_off
+        model, strategy=job.scaling.strategy, device=device, find_unused_parameters=task.unused_parameters
     )
     optimizer, scheduler = build_job_optimizer(model, job.optim, plan.total_steps)
     if optim_state is not None:
         load_optim_state(model, optimizer, optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
 
+    accum = job.optim.grad_accum_steps
     if rank == 0:
         log.info(
-            f"[mplug] {world} worker(s) on {device}, {torch.get_num_threads()} torch threads each, "
-            f"{plan.total_steps} steps of {job.data.batch_size * job.optim.grad_accum_steps * world} samples"
+            f"[mplug] task {task.name}: {world} worker(s) on {device}, {torch.get_num_threads()} torch "
+            f"threads each, {plan.total_steps} steps of {plan.global_batch} samples"
         )
     peak = peak_flops(device)
-    accum = job.optim.grad_accum_steps
-    global_batch = job.data.batch_size * accum * world
-    shard = ray.train.get_dataset_shard("train")
-    meter, loss_sums, window_steps, micro = StepMeter(), {}, 0, 0
+    train_shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if plan.eval_rows else None
+    meter, window, window_steps = StepMeter(), {}, 0
     model.train()
 
     while state.step < plan.total_steps:
-        batches = shard.iter_torch_batches(
+        batches = train_shard.iter_torch_batches(
             batch_size=job.data.batch_size,
             drop_last=True,
-            device=device,
+            collate_fn=collate_rows,  # tensors, plus ids where a task needs them (SCST's image ids)
             local_shuffle_buffer_size=job.data.local_shuffle_buffer or None,
             local_shuffle_seed=job.run.seed * 1000 + state.epoch * 10 + rank,
         )
-        meter.batch_arrived()
-        step_at_epoch_start = state.step
+        batches = (to_device(b, device) for b in batches)
+        meter.restart()
+        step_at_epoch_start, micro = state.step, []
         for batch in synced_batches(batches, device):
-            meter.batch_arrived()
-            alpha = cfg.distill_alpha * min(1.0, state.step / max(1, plan.alpha_ramp_steps))
-            last_micro = micro == accum - 1
-            with gradient_sync(model, last_micro), _autocast(device, job.scaling.precision):
-                out = model(
-                    images=batch["image"],
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    alpha=alpha,
-                )
-                (out.loss / accum).backward()
-            for name in ("loss", "loss_itc", "loss_itm", "loss_mlm", "loss_prefix"):
-                loss_sums[name] = loss_sums.get(name, 0.0) + float(getattr(out, name).detach()) / accum
-            micro += 1
-            if not last_micro:
+            micro.append(batch)
+            if len(micro) < accum:
                 continue
-            micro = 0
-            grad_norm = None
-            if job.optim.grad_clip is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            unwrap(model).momentum_update(out)
+            meter.batch_arrived()  # the wait covers every micro-batch of the step
+            step_ctx = StepContext(state.step, state.epoch, plan.steps_per_epoch)
+            result = train_step(
+                model, task, micro, optimizer, scheduler, step_ctx,
+                grad_clip=job.optim.grad_clip, precision=job.scaling.precision,
+            )  # fmt: skip
+            micro = []
             state.step += 1
+            state.samples_seen += plan.global_batch
+            meter.step_done(plan.global_batch)
+            for name, value in result.values.items():
+                window[name] = window[name] + value if name in window else value
             window_steps += 1
-            state.samples_seen += global_batch
-            meter.step_done(global_batch)
 
             final = state.step >= plan.total_steps
             if state.step % job.run.log_every == 0 or final or state.step % job.run.checkpoint_every == 0:
-                row = {"step": float(state.step), "epoch": float(state.epoch), "alpha": alpha}
-                row.update({k: v / window_steps for k, v in loss_sums.items()})
+                row = {"step": float(state.step), "epoch": float(state.epoch)}
+                row.update({k: float(v.item()) / window_steps for k, v in window.items()})  # the host sync
                 row["lr"] = scheduler.get_last_lr()[-1]
                 row.update(meter.window())
-                if grad_norm is not None:
-                    row["grad_norm"] = grad_norm
+                if result.grad_norm is not None:
+                    row["grad_norm"] = float(result.grad_norm.item())
                 if peak is not None:
                     row["mfu"] = plan.flops_per_sample * row["samples_per_s"] / (peak * world)
-                loss_sums, window_steps = {}, 0
+                window, window_steps = {}, 0
+                if final and eval_shard is not None:
+                    row.update(_evaluate(model, task, eval_shard, job, device, rank))
                 state.history.append(row)
                 if rank == 0:
                     log.info("[mplug] " + format_step_line(row, plan.total_steps))
-                _report(model, optimizer, scheduler, state, rank, row, job, final)
+                _report(model, optimizer, scheduler, state, rank, row, plan, checkpoint=True)
             if final:
                 break
         if state.step == step_at_epoch_start and state.step < plan.total_steps:
@@ -197,21 +192,77 @@ def train_loop_per_worker(plan_dict: dict) -> None:
                 f"batch_size × grad_accum_steps = {job.data.batch_size * accum} rows; lower data.batch_size"
             )
         state.epoch += 1
+        if (
+            state.step < plan.total_steps
+            and eval_shard is not None
+            and state.epoch % job.run.eval_every_epochs == 0
+        ):
+            row = {"step": float(state.step), "epoch": float(state.epoch)}
+            row.update(_evaluate(model, task, eval_shard, job, device, rank))
+            state.history.append(row)
+            _report(model, optimizer, scheduler, state, rank, row, plan, checkpoint=False)
 
     _export_final(model, state, plan, rank)
 
 
-def storage_run_uri(job: PretrainConfig) -> str:
-    from pipelines import storage
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors of a collated batch onto the device; ids stay host-side."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
-    return storage.join(job.run.storage, job.run.name)
+
+def _evaluate(
+    model, task: Task, shard, job: TrainConfig, device: torch.device, rank: int
+) -> dict[str, float]:
+    """The task's metrics on the eval split: each rank predicts its shard, rank 0 scores them
+    all. Every rank returns the same dict (`eval_<metric>`) after one broadcast."""
+    eval_model = _eval_copy(model, task, device)
+    predictions: list[dict] = []
+    with torch.no_grad(), autocast(device, job.scaling.precision):
+        for batch in shard.iter_torch_batches(
+            batch_size=job.data.eval_batch_size or job.data.batch_size, collate_fn=collate_rows
+        ):
+            predictions.extend(task.predict(eval_model, to_device(batch, device)))
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, predictions)
+        predictions = [p for part in parts for p in part]
+    metrics: list = [None]
+    if rank == 0:
+        with torch.no_grad():
+            scored = task.score(predictions, eval_model, task.eval_setup(job.data.eval_uris))
+        metrics[0] = {f"eval_{k}": float(v) for k, v in scored.items() if v is not None}
+    if distributed:
+        dist.broadcast_object_list(metrics, src=0)
+    model.train()
+    if rank == 0:
+        log.info(f"[mplug] eval {task.primary_metric} {metrics[0][f'eval_{task.primary_metric}']:.3f}")
+    return metrics[0]
 
 
-def _report(model, optimizer, scheduler, state: TrainState, rank: int, row: dict, job, final: bool) -> None:
+def _eval_copy(model, task: Task, device: torch.device):
+    """The model to evaluate with: the bare module, or under FSDP2 a gathered full copy (an
+    evaluation generates different lengths on each rank, which sharded collectives cannot follow)."""
+    from pipelines.train.parallel import is_sharded
+
+    if not is_sharded(model):
+        return unwrap(model).eval()
+    state = full_state_dict(model)  # a collective: every rank takes part
+    copy = task.build_model()
+    copy.load_state_dict(state)
+    return copy.to(device).eval()
+
+
+def _report(model, optimizer, scheduler, state: TrainState, rank: int, row: dict, plan: TrainPlan,
+            checkpoint: bool) -> None:  # fmt: skip
     import ray.train
 
+    job = TrainConfig.model_validate(plan.job)
     metrics = {k: float(v) for k, v in row.items()}
-    if not (final or state.step % job.run.checkpoint_every == 0):
+    final = state.step >= plan.total_steps
+    if not checkpoint or not (final or state.step % job.run.checkpoint_every == 0):
         ray.train.report(metrics)
         return
     # Every rank gathers (FSDP needs all ranks); only rank 0 writes the model and optimizer.
@@ -231,7 +282,7 @@ def _report(model, optimizer, scheduler, state: TrainState, rank: int, row: dict
             checkpoint_dir_name=f"checkpoint_{state.step:08d}",
         )
     if rank == 0:
-        _write_curves(state, storage_run_uri(job))
+        _write_curves(state, plan.run_uri)
 
 
 def _write_curves(state: TrainState, run_uri: str) -> None:

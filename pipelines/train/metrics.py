@@ -43,6 +43,11 @@ class StepMeter:
     steps: int = 0
     _mark: float = field(default_factory=lambda: time.perf_counter())
 
+    def restart(self) -> None:
+        """Start the clock now: what happened since the last mark (an evaluation, a checkpoint
+        upload) is neither waiting nor computing."""
+        self._mark = time.perf_counter()
+
     def batch_arrived(self) -> None:
         now = time.perf_counter()
         self.wait_s += now - self._mark
@@ -69,18 +74,21 @@ class StepMeter:
 
 
 def format_step_line(row: dict[str, float], max_steps: int) -> str:
-    losses = " ".join(
-        f"{name} {row[f'loss_{name}']:.3f}"
-        for name in ("itc", "itm", "mlm", "prefix")
-        if f"loss_{name}" in row
-    )
+    """`step 20/300 loss 3.1 (itc 1.2 itm 0.6 ...) lr ... samples/s ... data-wait ...`, then any
+    evaluation metrics of the row."""
+    parts = " ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("loss_"))
     line = (
-        f"step {int(row['step'])}/{max_steps} loss {row['loss']:.4f} ({losses}) lr {row['lr']:.2e} "
-        f"samples/s {row['samples_per_s']:.1f} data-wait {100 * row['data_wait_frac']:.0f}%"
+        f"step {int(row['step'])}/{max_steps} loss {row['loss']:.4f}{f' ({parts})' if parts else ''} "
+        f"lr {row['lr']:.2e} samples/s {row['samples_per_s']:.1f} data-wait {100 * row['data_wait_frac']:.0f}%"
     )
     if "mfu" in row:
         line += f" MFU {100 * row['mfu']:.1f}%"
-    return line
+    evals = " ".join(
+        f"{k[5:]} {v:.2f}"
+        for k, v in row.items()
+        if k.startswith("eval_") and not k.startswith(("eval_chance_", "eval_num_"))
+    )
+    return line + (f" | eval {evals}" if evals else "")
 
 
 def plot_curves_png(history: list[dict[str, float]], title: str) -> bytes:

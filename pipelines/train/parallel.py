@@ -67,6 +67,9 @@ def parallelize(
         for block in transformer_blocks(model):
             fully_shard(block)
         fully_shard(model)
+        # FSDP2 finds its root at the first root forward; `unsharded` calls towers before any
+        # (momentum keys of a step's first micro-batches, evaluation), so settle it now.
+        model._get_fsdp_state()._lazy_init()
         return model
     raise ValueError(f"strategy={strategy!r}: expected 'ddp' or 'fsdp'")
 
@@ -98,20 +101,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A full, CPU state dict on every rank (FSDP2 shards are gathered)."""
     inner = unwrap(model)
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
 
 
-def _is_sharded(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> bool:
+    """True when FSDP2 has sharded the model's parameters (DTensors)."""
     return any(type(p).__name__ == "DTensor" for p in unwrap(model).parameters())
 
 
 def full_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Optimizer state that any world size can load (FSDP2: gathered to full tensors)."""
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -120,10 +124,30 @@ def full_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict
 
 
 def load_optim_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         opts = StateDictOptions(full_state_dict=True)
         set_optimizer_state_dict(unwrap(model), optimizer, state, options=opts)
         return
     optimizer.load_state_dict(state)
+
+
+@contextmanager
+def unsharded(model: nn.Module) -> Iterator[nn.Module]:
+    """The bare module with every parameter usable, for calls that bypass the root `forward`
+    (momentum keys before a step's micro-batches, evaluation, generation).
+
+    FSDP2 gathers a block's parameters in that block's own forward hook, but the root's (the
+    parameters outside every block: embeddings, projections, heads) only inside the root's
+    forward: here they are gathered for the duration and resharded after. DDP and a bare model
+    need nothing."""
+    inner = unwrap(model)
+    if not is_sharded(model):
+        yield inner
+        return
+    inner.unshard()
+    try:
+        yield inner
+    finally:
+        inner.reshard()

@@ -16,15 +16,12 @@ import torch
 import torch.distributed as dist
 
 from mplug import MPlugConfig, MPlugForPretraining
+from pipelines.tasks.base import StepContext
+from pipelines.tasks.pretrain import PretrainTask
+from pipelines.train.config import TrainConfig
 from pipelines.train.optim import build_optimizer
-from pipelines.train.parallel import (
-    full_optim_state,
-    full_state_dict,
-    gradient_sync,
-    load_optim_state,
-    parallelize,
-    unwrap,
-)
+from pipelines.train.parallel import full_optim_state, full_state_dict, load_optim_state, parallelize, unwrap
+from pipelines.train.step import train_step
 from tests.gloo import run_ranks
 
 pytestmark = pytest.mark.integration
@@ -32,15 +29,19 @@ pytestmark = pytest.mark.integration
 WORLD, STEPS, PER_RANK_BATCH = 2, 3, 4
 
 
+CONFIG = MPlugConfig.preset("tiny", queue_size=16)
+TASK = PretrainTask(TrainConfig(), CONFIG)
+
+
 def _fresh_model() -> MPlugForPretraining:
     torch.manual_seed(0)  # identical initial weights on every rank and in every run
-    return MPlugForPretraining(MPlugConfig.preset("tiny", queue_size=16))
+    return TASK.build_model()
 
 
 def _train(model, strategy: str, steps: range, rank: int, optim_state: dict | None = None, accum: int = 1):
     """Wrap, build the job's optimizer, optionally restore its state, run `steps` of `accum`
-    micro-batches each (gradients synced on the last only); return the wrapped model,
-    optimizer, scheduler and the per-step losses."""
+    micro-batches each through the loop's `train_step`; return the wrapped model, optimizer,
+    scheduler and the per-step losses."""
     model = parallelize(model, strategy=strategy, device=torch.device("cpu"))
     optimizer, scheduler = build_optimizer(
         model,
@@ -57,20 +58,11 @@ def _train(model, strategy: str, steps: range, rank: int, optim_state: dict | No
         scheduler.load_state_dict(optim_state["scheduler"])
     losses = []
     for step in steps:
-        loss = 0.0
-        for micro in range(accum):
-            batch = unwrap(model).example_inputs(PER_RANK_BATCH, seed=100 * step + 10 * micro + rank)
-            torch.manual_seed(1000 * step + 10 * micro + rank)  # same MLM masks / ITM negatives in every run
-            with gradient_sync(model, micro == accum - 1):
-                out = model(**batch, alpha=0.4)
-                (out.loss / accum).backward()
-            loss += float(out.loss.detach()) / accum
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        unwrap(model).momentum_update(out)
-        losses.append(loss)
+        micro = [TASK.example_batch(PER_RANK_BATCH, seed=100 * step + 10 * m + rank) for m in range(accum)]
+        torch.manual_seed(1000 * step + rank)  # same MLM masks / ITM negatives in every run
+        ctx = StepContext(step=step + STEPS, epoch=1, steps_per_epoch=STEPS)  # distillation at full α
+        result = train_step(model, TASK, micro, optimizer, scheduler, ctx, grad_clip=5.0)
+        losses.append(float(result.values["loss"]))
     return model, optimizer, scheduler, losses
 
 

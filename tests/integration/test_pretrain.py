@@ -110,11 +110,15 @@ def job_text_len(job) -> int:
 
 
 def _train_worker_pids() -> list[int]:
+    """Ray Train workers of THIS test session's Ray (started by this process, so its workers
+    descend from it): other Ray instances on a shared machine are never touched."""
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            pids.append(proc.info["pid"])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.NoSuchProcess:
+            continue
     return pids
 
 

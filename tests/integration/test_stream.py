@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipelines.data.ingest import IngestConfig, run_ingest
-from pipelines.data.stream import collate_with_keys, training_dataset
+from pipelines.data.stream import collate_rows, training_dataset
 from pipelines.data.synth import render_corpus
 from pipelines.train.data_config import train_data_config
 
@@ -50,7 +50,7 @@ def test_two_workers_get_disjoint_complete_shards(two_corpora: list[str], tmp_pa
     def loop(config: dict) -> None:
         shard = ray.train.get_dataset_shard("train")
         keys, shapes = [], set()
-        for batch in shard.iter_torch_batches(batch_size=5, collate_fn=collate_with_keys):
+        for batch in shard.iter_torch_batches(batch_size=5, collate_fn=collate_rows):
             keys += batch["key"]
             shapes.add((tuple(batch["image"].shape[1:]), tuple(batch["input_ids"].shape[1:])))
         rank = ray.train.get_context().get_world_rank()

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from mplug.tokenizer import load_tokenizer
-from pipelines.data.stream import CLIP_MEAN, CLIP_STD, ImageTextTransform, collate_with_keys, swap_left_right
+from pipelines.data.stream import collate_rows
+from pipelines.data.transforms import CLIP_MEAN, CLIP_STD, ImageTextTransform, swap_left_right
 
 pytestmark = pytest.mark.unit
 
@@ -84,7 +85,7 @@ def test_training_rows_can_leave_out_the_string_key_and_keyed_rows_collate() -> 
     batch = batch_of([(1, 2, 3)], ["x"])
     unkeyed = ImageTextTransform(image_size=16, max_text_len=8, train=False, include_key=False)(batch)
     assert set(unkeyed) == {"image", "input_ids", "attention_mask"}
-    keyed = collate_with_keys(ImageTextTransform(image_size=16, max_text_len=8, train=False)(batch))
+    keyed = collate_rows(ImageTextTransform(image_size=16, max_text_len=8, train=False)(batch))
     assert (
         keyed["key"] == ["k0"]
         and keyed["image"].dtype == torch.float32

@@ -1,0 +1,551 @@
+"""Row transforms of the training and evaluation streams: processed rows -> fixed-shape rows.
+
+Each transform is a Ray Data `map_batches` UDF: heavy state (tokenizer, torchvision transforms)
+is built once per worker process in `__init__`; `__call__(batch) -> batch` is pure and runs
+without Ray (unit-testable). Batches are numpy dicts; image columns hold encoded bytes.
+
+The image side is shared (`ImageAugment`): training draws RandomResizedCrop + horizontal flip +
+RandAugment(2, 7) over the official op set, evaluation resizes deterministically. A flip mirrors
+the scene, so "left" and "right" swap in the row's text too (`swap_left_right`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2 as T
+
+from mplug.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class Transform:
+    """A row transform to run in the stream: `cls(**kwargs)` once per worker process, then
+    `__call__(batch)`. `kwargs` are (name, hashable value) pairs: the stream keeps one built
+    instance per distinct Transform."""
+
+    cls: type
+    kwargs: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def of(cls, transform_cls: type, **kwargs: Any) -> Transform:
+        return cls(transform_cls, tuple(sorted(kwargs.items())))
+
+    def build(self) -> Any:
+        return self.cls(**dict(self.kwargs))
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+
+
+def swap_left_right(text: str) -> str:
+    """A horizontal flip mirrors the scene, so 'left' and 'right' in its text swap too."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", text)
+
+
+OFFICIAL_RANDAUG_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Equalize",
+    "Brightness",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
+
+
+class OfficialRandAugment(T.RandAugment):
+    """RandAugment(N, M) over the op set the official mPLUG code uses.
+
+    The official list leaves out the colour-changing ops (Color, Solarize, Posterize,
+    Contrast): captions name colours, and an op that turns a red circle purple makes the
+    pair wrong.
+    """
+
+    _AUGMENTATION_SPACE = {
+        k: v for k, v in T.RandAugment._AUGMENTATION_SPACE.items() if k in OFFICIAL_RANDAUG_OPS
+    }
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(bytes(data))).convert("RGB")
+
+
+class ImageAugment:
+    """PIL image -> normalised (3, S, S) float tensor, and whether it was flipped.
+
+    train: RandomResizedCrop(crop_min_scale..1, bicubic) + flip (p 0.5) + RandAugment(2, 7)
+    (pretraining 0.2, finetuning 0.5, as the official code). eval: `eval_resize="square"`
+    resizes to S×S as the official finetuning evaluation does; `"center_crop"` resizes the
+    shorter side and centre-crops (no aspect change).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        train: bool,
+        crop_min_scale: float = 0.2,
+        eval_resize: str = "center_crop",
+        rng: np.random.Generator | None = None,
+        randaugment: bool = True,
+    ) -> None:
+        if image_size <= 0:
+            raise ValueError(f"image_size={image_size} must be positive")
+        if eval_resize not in ("square", "center_crop"):
+            raise ValueError(f"eval_resize={eval_resize!r}: expected 'square' or 'center_crop'")
+        bicubic = T.InterpolationMode.BICUBIC
+        self.train = train
+        self.rng = rng if rng is not None else np.random.default_rng(0)
+        if train:
+            self.geometric = T.RandomResizedCrop(
+                image_size, scale=(crop_min_scale, 1.0), interpolation=bicubic
+            )
+            self.randaugment = (
+                OfficialRandAugment(num_ops=2, magnitude=7, interpolation=bicubic) if randaugment else None
+            )
+        elif eval_resize == "square":
+            self.geometric = T.Resize((image_size, image_size), interpolation=bicubic)
+            self.randaugment = None
+        else:
+            self.geometric = T.Compose(
+                [T.Resize(image_size, interpolation=bicubic), T.CenterCrop(image_size)]
+            )
+            self.randaugment = None
+        self.to_float = T.Compose(
+            [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)]
+        )
+
+    def __call__(self, im: Image.Image, flip: bool | None = None) -> tuple[torch.Tensor, bool]:
+        """`flip`: force the flip decision (two images of one NLVR2 row flip together)."""
+        im = self.geometric(im)
+        flipped = False
+        if self.train:
+            flipped = bool(self.rng.random() < 0.5) if flip is None else flip
+            if flipped:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if self.randaugment is not None:
+                im = self.randaugment(im)
+        return self.to_float(im), flipped
+
+
+def process_rng(seed: int) -> np.random.Generator:
+    """A random stream per worker process: seeded, distinct per process. torch's global RNG
+    (RandomResizedCrop, RandAugment) is seeded from it too."""
+    rng = np.random.default_rng([seed, os.getpid()])
+    torch.manual_seed(int(rng.integers(2**31)))
+    return rng
+
+
+class TextTokenizer:
+    """BERT tokenisation padded/truncated to a fixed length -> (ids, mask) int64 (B, L)."""
+
+    def __init__(self, max_len: int, tokenizer_path: str | None = None) -> None:
+        if max_len <= 0:
+            raise ValueError(f"max_len={max_len} must be positive")
+        self.max_len = max_len
+        self.tokenizer = load_tokenizer(tokenizer_path)
+
+    def __call__(self, texts: list[str], max_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        tokens = self.tokenizer(
+            list(texts), padding="max_length", truncation=True, max_length=max_len or self.max_len,
+            return_tensors="np",
+        )  # fmt: skip
+        return tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
+
+
+def _column(batch: dict[str, np.ndarray], name: str, n: int) -> list:
+    return list(batch[name]) if name in batch else [None] * n
+
+
+def image_ids(batch: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Each row's image id (rows of one image share it: COCO's five captions), else its key."""
+    ids = _column(batch, "image_id", n)
+    return np.asarray([str(i) if i is not None else str(k) for i, k in zip(ids, batch["key"])], dtype=object)
+
+
+class ImageTextTransform:
+    """Pretraining rows: `image` float32 (B, 3, S, S), `input_ids` / `attention_mask` int64
+    (B, max_text_len) of the caption (or the question where a row has no caption), and with
+    `include_key` the ids `key` and `image_id` (str; the key where the row has no image id)."""
+
+    def __init__(
+        self,
+        image_size: int,
+        max_text_len: int,
+        train: bool = True,
+        seed: int = 0,
+        tokenizer_path: str | None = None,
+        swap_left_right_on_flip: bool = True,
+        include_key: bool = True,
+        crop_min_scale: float = 0.2,
+    ) -> None:
+        if image_size <= 0 or max_text_len <= 0:
+            raise ValueError(f"image_size={image_size} and max_text_len={max_text_len} must be positive")
+        self.image_size, self.max_text_len, self.train = image_size, max_text_len, train
+        self.swap_left_right_on_flip = swap_left_right_on_flip
+        self.include_key = include_key
+        self.tokenize = TextTokenizer(max_text_len, tokenizer_path)
+        self.augment = ImageAugment(image_size, train, crop_min_scale, "center_crop",
+                                    process_rng(seed) if train else None)  # fmt: skip
+        self.tokenizer = self.tokenize.tokenizer
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        images, texts = [], []
+        for data, caption, question in zip(batch["image"], _column(batch, "caption", n),
+                                           _column(batch, "question", n)):  # fmt: skip
+            tensor, flipped = self.augment(decode_rgb(data))
+            text = caption or question or ""
+            images.append(tensor)
+            texts.append(swap_left_right(text) if flipped and self.swap_left_right_on_flip else text)
+        ids, mask = self.tokenize(texts)
+        out = {"image": torch.stack(images).numpy(), "input_ids": ids, "attention_mask": mask}
+        if self.include_key:
+            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+            out["image_id"] = image_ids(batch, n)
+        return out
+
+
+def objects(values: list) -> np.ndarray:
+    """A 1-D object array holding one Python value (e.g. a list of references) per row."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+def _text_list(value) -> list[str]:
+    """A list column's value (numpy array, list or None) as a list of str."""
+    if value is None:
+        return []
+    return [str(v) for v in list(value)]
+
+
+class VQATransform:
+    """VQA rows. Training: `image`, `question_ids`/`question_mask` (B, Lq), `answer_ids`/
+    `answer_mask` (B, A, La) of up to A distinct answers as `[CLS] answer [SEP]`, and
+    `answer_weights` (B, A) float32: each answer's share of the human answers (0 in unused
+    slots); a row whose source gave a single answer (Visual Genome) weighs it
+    `single_answer_weight` (official: 0.5). Evaluation: `image`, the question tokens, `key`
+    (the question id), `question` and `raw_answers` (the human answers, for the official
+    metric). A flip swaps "left"/"right" in the question and in the answers.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        question_len: int,
+        answer_len: int,
+        max_answers: int,
+        train: bool = True,
+        seed: int = 0,
+        crop_min_scale: float = 0.5,
+        single_answer_weight: float = 0.5,
+        tokenizer_path: str | None = None,
+    ) -> None:
+        self.train, self.answer_len, self.max_answers = train, answer_len, max_answers
+        self.single_answer_weight = single_answer_weight
+        self.tokenize = TextTokenizer(question_len, tokenizer_path)
+        self.augment = ImageAugment(
+            image_size, train, crop_min_scale, "square", process_rng(seed) if train else None
+        )
+
+    def _answers(self, row: dict) -> tuple[list[str], list[float]]:
+        answers, weights = (
+            _text_list(row.get("answers")),
+            [float(w) for w in list(row.get("answer_weights") or [])],
+        )
+        if len(weights) != len(answers):
+            weights = [1.0 / len(answers)] * len(answers) if answers else []
+        if len(_text_list(row.get("raw_answers"))) == 1:  # a source with one answer per question
+            weights = [self.single_answer_weight] * len(answers)
+        ranked = sorted(zip(answers, weights), key=lambda aw: -aw[1])[: self.max_answers]
+        return [a for a, _ in ranked], [w for _, w in ranked]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        rows = [{k: batch[k][i] for k in batch} for i in range(n)]
+        images, questions, answers, weights = [], [], [], []
+        for row in rows:
+            tensor, flipped = self.augment(decode_rgb(row["image"]))
+            question = str(row.get("question") or "")
+            row_answers, row_weights = self._answers(row)
+            if flipped:
+                question, row_answers = swap_left_right(question), [swap_left_right(a) for a in row_answers]
+            images.append(tensor)
+            questions.append(question)
+            answers.append(row_answers)
+            weights.append(row_weights)
+        q_ids, q_mask = self.tokenize(questions)
+        out = {"image": torch.stack(images).numpy(), "question_ids": q_ids, "question_mask": q_mask}
+        if not self.train:
+            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+            out["question"] = np.asarray(questions, dtype=object)
+            out["raw_answers"] = objects(
+                [_text_list(r.get("raw_answers")) or _text_list(r.get("answers")) for r in rows]
+            )
+            return out
+        slots = [a + [""] * (self.max_answers - len(a)) for a in answers]
+        a_ids, a_mask = self.tokenize([a for s in slots for a in s], self.answer_len)
+        out["answer_ids"] = a_ids.reshape(n, self.max_answers, self.answer_len)
+        out["answer_mask"] = a_mask.reshape(n, self.max_answers, self.answer_len)
+        out["answer_weights"] = np.asarray(
+            [w + [0.0] * (self.max_answers - len(w)) for w in weights], dtype=np.float32
+        )
+        return out
+
+
+class CaptionTransform:
+    """Captioning rows: `image` and `caption_ids`/`caption_mask` (B, L) of `[CLS] prompt caption
+    [SEP]` (cut at `caption_len` tokens), plus the ids `key` and `image_id` (str: the image's
+    references are looked up by it) when `include_ids` (evaluation and SCST). A flip swaps
+    "left"/"right" in the caption."""
+
+    def __init__(
+        self,
+        image_size: int,
+        caption_len: int,
+        train: bool = True,
+        seed: int = 0,
+        crop_min_scale: float = 0.5,
+        prompt: str = "",
+        include_ids: bool = False,
+        tokenizer_path: str | None = None,
+    ) -> None:
+        self.prompt, self.include_ids = prompt, include_ids
+        self.tokenize = TextTokenizer(caption_len, tokenizer_path)
+        self.augment = ImageAugment(
+            image_size, train, crop_min_scale, "square", process_rng(seed) if train else None
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        images, captions = [], []
+        for data, caption in zip(batch["image"], _column(batch, "caption", n)):
+            tensor, flipped = self.augment(decode_rgb(data))
+            caption = str(caption or "")
+            images.append(tensor)
+            captions.append(self.prompt + (swap_left_right(caption) if flipped else caption))
+        ids, mask = self.tokenize(captions)
+        out = {"image": torch.stack(images).numpy(), "caption_ids": ids, "caption_mask": mask}
+        if self.include_ids:
+            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+            out["image_id"] = image_ids(batch, n)
+        return out
+
+
+def stable_image_number(image_id: str) -> int:
+    """A non-negative int64 for an image id string, the same in every process (retrieval's ITC
+    takes rows with equal numbers as captions of one image)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "big") >> 1
+
+
+class RetrievalTransform:
+    """Retrieval rows: `image`, `input_ids`/`attention_mask` of the caption, and `image_number`
+    (int64, from the image id: the captions of one image are positives of each other). With
+    `include_ids` (evaluation) also `key` and `image_id` (str)."""
+
+    def __init__(
+        self,
+        image_size: int,
+        max_text_len: int,
+        train: bool = True,
+        seed: int = 0,
+        crop_min_scale: float = 0.5,
+        tokenizer_path: str | None = None,
+    ) -> None:
+        self.train = train
+        self.tokenize = TextTokenizer(max_text_len, tokenizer_path)
+        self.augment = ImageAugment(
+            image_size, train, crop_min_scale, "square", process_rng(seed) if train else None
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        images, texts = [], []
+        for data, caption in zip(batch["image"], _column(batch, "caption", n)):
+            tensor, flipped = self.augment(decode_rgb(data))
+            caption = str(caption or "")
+            images.append(tensor)
+            texts.append(swap_left_right(caption) if flipped else caption)
+        ids, mask = self.tokenize(texts)
+        groups = image_ids(batch, n)
+        out = {
+            "image": torch.stack(images).numpy(),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "image_number": np.asarray([stable_image_number(g) for g in groups], dtype=np.int64),
+        }
+        if not self.train:
+            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+            out["image_id"] = groups
+        return out
+
+
+class GroundingTransform:
+    """Referring-expression rows, boxes kept right through every geometric step.
+
+    The image is letterboxed: resized so its longer side is S, then padded to S×S (at a random
+    offset in training, top-left in evaluation). Training first draws a random crop that keeps
+    the whole box (p = 0.5) and a horizontal flip that mirrors the box and swaps "left"/"right"
+    in the expression. Output: `image`, `text_ids`/`text_mask`, `boxes` float32 (B, 4): the
+    normalised (cx, cy, w, h) in the square; evaluation adds `key`, `gt_box` (x, y, w, h in the
+    original image's pixels) and `frame` float32 (B, 3) = (offset x, offset y, scale) mapping
+    stored-image pixels into the square (square = stored · scale + offset), plus `to_original`
+    (B,) = original / stored pixel ratio.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        max_text_len: int,
+        train: bool = True,
+        seed: int = 0,
+        crop_probability: float = 0.5,
+        tokenizer_path: str | None = None,
+    ) -> None:
+        self.size, self.train, self.crop_probability = image_size, train, crop_probability
+        self.tokenize = TextTokenizer(max_text_len, tokenizer_path)
+        self.rng = process_rng(seed) if train else np.random.default_rng(0)
+        self.to_float = T.Compose(
+            [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)]
+        )
+
+    def _crop_keeping_box(self, im: Image.Image, box: list[float]) -> tuple[Image.Image, list[float]]:
+        x, y, w, h = box
+        width, height = im.size
+        left = self.rng.uniform(0, max(0.0, x))
+        top = self.rng.uniform(0, max(0.0, y))
+        right = self.rng.uniform(min(width, x + w), width)
+        bottom = self.rng.uniform(min(height, y + h), height)
+        if right - left < 2 or bottom - top < 2:
+            return im, box
+        return im.crop((left, top, right, bottom)), [x - left, y - top, w, h]
+
+    def _letterbox(self, im: Image.Image) -> tuple[Image.Image, float, float, float]:
+        width, height = im.size
+        scale = self.size / max(width, height)
+        new = (max(1, round(width * scale)), max(1, round(height * scale)))
+        im = im.resize(new, Image.Resampling.BICUBIC)
+        free_x, free_y = self.size - new[0], self.size - new[1]
+        ox = int(self.rng.integers(0, free_x + 1)) if self.train else 0
+        oy = int(self.rng.integers(0, free_y + 1)) if self.train else 0
+        square = Image.new("RGB", (self.size, self.size), tuple(round(255 * m) for m in CLIP_MEAN))
+        square.paste(im, (ox, oy))
+        return square, float(ox), float(oy), scale
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        images, texts, boxes, gt, frames, ratios = [], [], [], [], [], []
+        widths, orig_widths = _column(batch, "width", n), _column(batch, "orig_width", n)
+        for i, (data, text, bbox) in enumerate(
+            zip(batch["image"], _column(batch, "caption", n), batch["bbox"])
+        ):
+            im = decode_rgb(data)
+            box = [float(v) for v in list(bbox)]
+            text = str(text or "")
+            stored = (box, im.size)
+            if self.train:
+                if self.rng.random() < self.crop_probability:
+                    im, box = self._crop_keeping_box(im, box)
+                if self.rng.random() < 0.5:
+                    im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                    box = [im.size[0] - box[0] - box[2], box[1], box[2], box[3]]
+                    text = swap_left_right(text)
+            square, ox, oy, scale = self._letterbox(im)
+            x, y, w, h = (v * scale for v in box)
+            x, y = x + ox, y + oy
+            boxes.append([(x + w / 2) / self.size, (y + h / 2) / self.size, w / self.size, h / self.size])
+            images.append(self.to_float(square))
+            texts.append(text)
+            ratio = float(orig_widths[i]) / float(widths[i] or stored[1][0]) if orig_widths[i] else 1.0
+            gt.append([v * ratio for v in stored[0]])
+            frames.append([ox, oy, scale])
+            ratios.append(ratio)
+        ids, mask = self.tokenize(texts)
+        out = {
+            "image": torch.stack(images).numpy(),
+            "text_ids": ids,
+            "text_mask": mask,
+            "boxes": np.asarray(boxes, dtype=np.float32).clip(0, 1),
+        }
+        if not self.train:
+            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+            out["gt_box"] = np.asarray(gt, dtype=np.float32)
+            out["frame"] = np.asarray(frames, dtype=np.float32)
+            out["to_original"] = np.asarray(ratios, dtype=np.float32)
+        return out
+
+
+class ClassificationTransform:
+    """NLVR2 / SNLI-VE rows: `image` (B, 3, S, S), or (B, 2, 3, S, S) from the `images` column
+    when `num_images` = 2, the statement's `input_ids`/`attention_mask`, and `label` int64
+    (index into `labels`). In training one flip decision per row: with two images both are
+    mirrored and their order swapped, and "left"/"right" swap in the statement, so the pair
+    still reads true or false as before. Evaluation adds `key`."""
+
+    def __init__(
+        self,
+        image_size: int,
+        max_text_len: int,
+        labels: tuple[str, ...],
+        num_images: int = 1,
+        train: bool = True,
+        seed: int = 0,
+        crop_min_scale: float = 0.5,
+        tokenizer_path: str | None = None,
+    ) -> None:
+        self.labels = {label.lower(): i for i, label in enumerate(labels)}
+        self.num_images, self.train = num_images, train
+        self.tokenize = TextTokenizer(max_text_len, tokenizer_path)
+        self.augment = ImageAugment(
+            image_size, train, crop_min_scale, "square", process_rng(seed) if train else None
+        )
+
+    def _label(self, value) -> int:
+        name = str(value).strip().lower()
+        if name not in self.labels:
+            raise ValueError(f"label {value!r} is not one of {sorted(self.labels)}")
+        return self.labels[name]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        pairs = _column(batch, "images", n)
+        images, texts = [], []
+        for row, (data, text) in enumerate(zip(batch["image"], _column(batch, "caption", n))):
+            sources = list(pairs[row]) if self.num_images > 1 else [data]
+            if len(sources) != self.num_images:
+                raise ValueError(
+                    f"row {batch['key'][row]!r} has {len(sources)} images, this task takes {self.num_images}"
+                )
+            flip = bool(self.augment.rng.random() < 0.5) if self.train else False
+            tensors = [self.augment(decode_rgb(s), flip=flip)[0] for s in sources]
+            text = str(text or "")
+            if flip:
+                tensors, text = tensors[::-1], swap_left_right(text)
+            images.append(torch.stack(tensors) if self.num_images > 1 else tensors[0])
+            texts.append(text)
+        ids, mask = self.tokenize(texts)
+        out = {
+            "image": torch.stack(images).numpy(),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "label": np.asarray([self._label(v) for v in batch["label"]], dtype=np.int64),
+        }
+        if not self.train:
+            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+        return out

@@ -1,0 +1,25 @@
+"""The task registry: name -> Task class (`pipelines/tasks/base.py` says what a task is).
+
+Modules load on first use, so importing the registry costs nothing a task does not need.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.tasks.base import Task
+
+# name -> "module:Class"; a finetuning issue adds its line here and nothing else in the loop.
+TASKS: dict[str, str] = {
+    "pretrain": "pipelines.tasks.pretrain:PretrainTask",
+}
+
+
+def task_class(name: str) -> type[Task]:
+    """The Task class registered as `name`; an unknown name lists the valid ones."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {sorted(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(import_module(module), cls)
