@@ -4,10 +4,15 @@ URIs may be `s3://`, `gs://`, `file://` or plain local paths. S3 endpoint and cr
 from the usual environment (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_DEFAULT_REGION`) exactly as boto3/s3fs read them; we pass the endpoint to pyarrow
 explicitly because older pyarrow builds ignore `AWS_ENDPOINT_URL`.
+
+GCS uses Application Default Credentials, unless `STORAGE_EMULATOR_HOST` (the variable Google's
+own clients read, e.g. `http://127.0.0.1:9023`) names an emulator: then both pyarrow and gcsfs
+talk to it over its scheme, anonymously.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 from urllib.parse import urlparse
@@ -38,6 +43,24 @@ def _s3_endpoint() -> tuple[str | None, str]:
     return parsed.netloc or parsed.path, parsed.scheme or "https"
 
 
+def gcs_emulator() -> tuple[str, str] | None:
+    """(host:port, 'http'|'https') of the GCS emulator named by STORAGE_EMULATOR_HOST, else None."""
+    url = os.environ.get("STORAGE_EMULATOR_HOST")
+    if not url:
+        return None
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    return parsed.netloc, parsed.scheme or "http"
+
+
+def gcs_pyarrow_fs() -> pafs.GcsFileSystem:
+    emulator = gcs_emulator()
+    if emulator is None:
+        return pafs.GcsFileSystem()
+    host, scheme = emulator
+    # project_id: the emulator needs one to create buckets; it is ignored otherwise.
+    return pafs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=scheme, project_id="emulator")
+
+
 def pyarrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it for `uri`."""
     scheme = _scheme(uri)
@@ -47,8 +70,7 @@ def pyarrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
         fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme=http_scheme, region=region)
         return fs, uri[len("s3://") :].rstrip("/")
     if scheme in ("gs", "gcs"):
-        fs = pafs.GcsFileSystem()
-        return fs, uri.split("://", 1)[1].rstrip("/")
+        return gcs_pyarrow_fs(), uri.split("://", 1)[1].rstrip("/")
     return pafs.LocalFileSystem(), local_path(uri)
 
 
@@ -60,7 +82,17 @@ def fsspec_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         kwargs = {"client_kwargs": {"endpoint_url": f"{http_scheme}://{endpoint}"}} if endpoint else {}
         return fsspec.filesystem("s3", **kwargs), uri[len("s3://") :].rstrip("/")
     if scheme in ("gs", "gcs"):
-        return fsspec.filesystem("gcs"), uri.split("://", 1)[1].rstrip("/")
+        emulator = gcs_emulator()
+        if emulator is None:
+            return fsspec.filesystem("gcs"), uri.split("://", 1)[1].rstrip("/")
+        # The core class: gcsfs' default subclass first asks a gRPC control API (which emulators
+        # lack) for the bucket type and stalls for a minute per bucket.
+        from gcsfs.core import GCSFileSystem
+
+        host, scheme = emulator
+        return GCSFileSystem(token="anon", endpoint_url=f"{scheme}://{host}"), uri.split("://", 1)[1].rstrip(
+            "/"
+        )
     return fsspec.filesystem("file"), local_path(uri)
 
 
@@ -100,9 +132,9 @@ def read_bytes(uri: str) -> bytes:
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object; parents are created on local filesystems."""
     fs, path = pyarrow_fs(uri)
-    parent = posixpath.dirname(path) if is_remote(uri) else os.path.dirname(path)
-    if parent:
-        fs.create_dir(parent, recursive=True)
+    # Object stores need no parent folders (creating them would add marker objects and requests).
+    if not is_remote(uri) and os.path.dirname(path):
+        fs.create_dir(os.path.dirname(path), recursive=True)
     with fs.open_output_stream(path) as f:
         f.write(data)
 
@@ -126,10 +158,25 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(out)
 
 
-def delete_dir(uri: str) -> None:
+def delete_file(uri: str) -> None:
     fs, path = pyarrow_fs(uri)
-    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+    fs.delete_file(path)
+
+
+def delete_dir(uri: str) -> None:
+    """Delete a folder and everything below it; nothing to do if it does not exist."""
+    fs, path = pyarrow_fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return
+    if not is_remote(uri):
         fs.delete_dir(path)
+        return
+    # On object stores a folder may be only a prefix of its objects (no marker object), and
+    # then it is gone with its last object: deleting the marker too would be a 404 on GCS.
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        with contextlib.suppress(FileNotFoundError):  # the marker went with the last object
+            fs.delete_dir(path)
 
 
 def download_dir(uri: str, local_dir: str) -> str:

@@ -121,10 +121,11 @@ def s3_bucket(s3_endpoint: str) -> S3Bucket:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint: str) -> Iterator[None]:
+def ray_session(s3_endpoint: str, gcs_endpoint: str) -> Iterator[None]:
     """One local Ray instance for the whole session: dashboard off, progress bars off, quiet,
     and more logical CPUs than cores so a 2-worker TorchTrainer plus Ray Data never starve.
-    Depends on the S3 server so workers inherit its endpoint and credentials."""
+    Depends on the S3 server and the GCS emulator so workers inherit their endpoints and
+    credentials."""
     import ray
 
     from pipelines.cluster import init_ray, quiet_ray_data
@@ -137,3 +138,58 @@ def ray_session(s3_endpoint: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+# ---- GCS: a gcp-storage-emulator server ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def gcs_endpoint() -> Iterator[str]:
+    """gcp-storage-emulator (in memory) on a free loopback port; STORAGE_EMULATOR_HOST (read by the
+    storage helper for pyarrow and gcsfs) points at it before Ray starts, so workers inherit it.
+    Stopped by pid at session end."""
+    emulator = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent)) or shutil.which(
+        "gcp-storage-emulator"
+    )
+    if emulator is None:
+        pytest.fail("gcp-storage-emulator not found: install the test extra (`pip install -e '.[test]'`)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [emulator, "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    try:
+        _wait_for_port(port, proc)
+        os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+        yield endpoint
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if saved is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
+@dataclass
+class GcsBucket:
+    """One fresh bucket on the GCS emulator."""
+
+    name: str
+
+    def uri(self, *parts: str) -> str:
+        return "/".join([f"gs://{self.name}", *[p.strip("/") for p in parts]]).rstrip("/")
+
+
+@pytest.fixture
+def gcs_bucket(gcs_endpoint: str) -> GcsBucket:
+    from pipelines import storage
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    storage.gcs_pyarrow_fs().create_dir(name)  # a bucket, at the top level
+    return GcsBucket(name=name)

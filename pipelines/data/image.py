@@ -33,6 +33,8 @@ class ProcessedImage:
     width: int
     height: int
     scale: float  # resized / original, for carrying boxes through
+    orig_width: int  # the source image's size, EXIF orientation applied
+    orig_height: int
 
 
 class ImageRejected(Exception):
@@ -95,6 +97,9 @@ def process_image(data: bytes | None, limits: ImageLimits) -> ProcessedImage:
                 "bad_aspect",
                 f"{width}x{height}, ratio {long_ / short:.2f} > max_aspect_ratio={limits.max_aspect_ratio}",
             )
+        # EXIF orientations 5-8 rotate by 90°: the upright image has width and height swapped.
+        rotated = im.getexif().get(0x0112) in (5, 6, 7, 8)
+        orig_width, orig_height = (height, width) if rotated else (width, height)
         scale = limits.resolution / short
         if im.format == "JPEG" and scale < 1:
             # DCT-domain downscaling: decode at ≥ the target size, several times faster.
@@ -115,4 +120,11 @@ def process_image(data: bytes | None, limits: ImageLimits) -> ProcessedImage:
         im = im.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=limits.jpeg_quality)
-    return ProcessedImage(jpeg=out.getvalue(), width=size[0], height=size[1], scale=limits.resolution / short)
+    return ProcessedImage(
+        jpeg=out.getvalue(),
+        width=size[0],
+        height=size[1],
+        scale=limits.resolution / short,
+        orig_width=orig_width,
+        orig_height=orig_height,
+    )

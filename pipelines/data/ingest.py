@@ -3,22 +3,27 @@
 Three stages, each a Ray Data `map_batches` over small work items (the data itself never passes
 through the driver; workers read and write storage directly):
 
-A. per *unit* (one input file, or one chunk of an annotation/URL list): read, (download),
-   decode, validate, resize, clean captions. Writes the unit's clean rows, cut into shards of
-   ≤ rows_per_shard rows, to `_staging/{unit}-{n:05d}.parquet`, its rejects to `rejects/{unit}.parquet`, the (key, content hash) of
-   each clean row into 16 hash partitions `_state/hashes/p{h}/{unit}.parquet`, and last a marker
-   `_state/a/{unit}.json` with its counts.
-B. per hash partition: exact duplicates (same image bytes, same cleaned caption and question)
+A. per *unit* (an input file, a byte range of an annotation/URL list, or parquet row groups; see
+   `readers`): read, (download), decode, validate, resize, clean captions, streaming. Writes the
+   unit's clean rows, cut into shards of ≤ rows_per_shard rows as they fill, to
+   `_staging/{unit}-{n:05d}.parquet`, its rejects to `rejects/{unit}.parquet`, the (key, content
+   hash) of each clean row into 16 hash partitions `_state/hashes/p{h}/{unit}.parquet`, and last a
+   marker `_state/a/{unit}.json` with its counts. A unit that turns out unreadable ends in one
+   `bad_shard` reject; the other units are not affected.
+B. per hash partition: exact duplicates (same image bytes, same cleaned text and task fields)
    meet in one partition; the smallest (key, unit, row) is kept, the others are listed in
    `_state/dups/p{h}.parquet`. A global step without a full shuffle: only hashes move.
 C. per unit: publish each staged shard to `data/{unit}-{n:05d}.parquet` — copied as is (server-side
    on S3) unless it holds a listed duplicate, then filtered and rewritten — write
    `rejects/{unit}-duplicates.parquet`, then the marker `_state/c/{unit}.json`.
 
-Every output name is a function of the unit id and every stage is deterministic, so a re-run
-of an interrupted ingest skips units whose markers exist, redoes the rest, overwrites partial
-files with identical content, and never duplicates a row. Counts come only from the markers:
-`read == written + rejected` is checked before `stats.json` is written.
+The driver holds unit descriptors and per-unit counts only, never rows. Every output name is a
+function of the unit id and every stage is deterministic, so a re-run of an interrupted ingest
+skips units whose markers exist, redoes the rest, overwrites partial files with identical
+content, and never duplicates a row. The settings that shape the written rows are recorded in
+`_state/settings.json` by the first run; a run with other settings is refused (or `overwrite`
+clears the output first). Counts come only from the markers: `read == written + rejected` is
+checked before `stats.json` is written.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from pipelines import storage
-from pipelines.data import readers
+from pipelines.data import formats, readers
 from pipelines.data.download import DownloadConfig, fetch_all
 from pipelines.data.image import ImageLimits, ImageRejected, process_image
 from pipelines.data.records import DATA_SCHEMA, REJECT_REASONS, clean_caption, rejects_table
@@ -81,11 +86,20 @@ class IngestConfig(BaseModel):
     max_words: int = Field(30, gt=0, description="captions are cut to this many words")
     dedupe: bool = True
     rows_per_shard: int = Field(10_000, gt=0, description="rows per output data file")
-    rows_per_unit: int = Field(1_000, gt=0, description="json/urls: annotation rows per work unit")
+    rows_per_unit: int = Field(
+        1_000, gt=0, description="json/urls: entries (about, for text files) per work unit"
+    )
+    splits: list[str] | None = Field(
+        None,
+        description="json: keep only entries whose `split` is listed (Karpathy: train, restval, val, test)",
+    )
     num_workers: int | None = Field(
         None, gt=0, description="concurrent ingest tasks; default: every cluster CPU"
     )
     download: DownloadConfig = Field(default_factory=DownloadConfig)
+    overwrite: bool = Field(
+        False, description="clear the output first (else its recorded settings must match)"
+    )
     # Storage access; default is the usual environment. Secrets are never printed.
     s3_endpoint_url: str | None = None
     aws_access_key_id: SecretStr | None = None
@@ -116,6 +130,22 @@ class IngestConfig(BaseModel):
             jpeg_quality=self.jpeg_quality,
         )
 
+    def settings(self) -> dict:
+        """What shapes the written rows and their layout: recorded with an output, and a re-run
+        into it must match. Left out: parallelism, credentials, and the download timeouts and
+        retries (a re-run with more patience may finish an output)."""
+        data = self.model_dump(
+            mode="json",
+            exclude={
+                "output", "num_workers", "overwrite", "s3_endpoint_url", "aws_access_key_id",
+                "aws_secret_access_key", "aws_region", "download",
+            },
+        )  # fmt: skip
+        data["input"] = self.input.rstrip("/")
+        data["download_max_bytes"] = self.download.max_bytes
+        data["schema"] = DATA_SCHEMA.names
+        return data
+
     def storage_env(self) -> dict[str, str]:
         env = {
             "AWS_ENDPOINT_URL": self.s3_endpoint_url,
@@ -127,6 +157,8 @@ class IngestConfig(BaseModel):
             else None,
             "AWS_DEFAULT_REGION": self.aws_region,
             "AWS_REGION": self.aws_region,
+            # A GCS emulator (tests, local development) must reach the workers too.
+            "STORAGE_EMULATOR_HOST": os.environ.get("STORAGE_EMULATOR_HOST"),
         }
         return {k: v for k, v in env.items() if v}
 
@@ -138,18 +170,36 @@ def format_validation_error(err: ValidationError) -> str:
 
 # ---- per-record processing ---------------------------------------------------------------------
 @dataclasses.dataclass
-class UnitResult:
-    good: list[dict]
-    rejects: list[dict]
-    read: int
-    bytes_read: int
-    downloads: Counter
+class UnitCounts:
+    read: int = 0
+    bytes_read: int = 0
+    skipped: int = 0  # json entries not selected by `splits` (not rows of this ingest)
+    downloads: Counter = dataclasses.field(default_factory=Counter)
 
 
-def _content_hash(image: bytes, caption: str, question: str | None) -> str:
-    h = hashlib.sha256(hashlib.sha256(image).digest())
-    h.update(b"\0" + caption.encode() + b"\0" + (question or "").encode())
+def _content_hash(rec: dict, images: list[bytes], caption: str, question: str | None) -> str:
+    """Exact-duplicate identity: every image's bytes, the cleaned text and the task fields."""
+    h = hashlib.sha256()
+    for image in images:
+        h.update(hashlib.sha256(image).digest())
+    task = [rec.get(c) for c in ("raw_answers", "bbox", "label")]
+    h.update(b"\0" + caption.encode() + b"\0" + (question or "").encode() + b"\0" + json.dumps(task).encode())
     return h.hexdigest()
+
+
+def _process_cached(data: bytes | None, uri: str | None, limits: ImageLimits, cache: dict):
+    """process_image, once per image file and unit (COCO: five captions share one image)."""
+    cached = cache.get(uri) if uri else None
+    if cached is None:
+        try:
+            cached = process_image(data, limits)
+        except ImageRejected as err:
+            cached = err
+        if uri:
+            cache[uri] = cached
+    if isinstance(cached, ImageRejected):
+        raise cached
+    return cached
 
 
 def _finish_record(
@@ -172,103 +222,148 @@ def _finish_record(
     question = clean_caption(question, cfg.max_words) if question else None
     if not caption and not question:
         return None, {"key": key, "reason": "empty_caption", "detail": f"raw caption {rec.get('caption')!r}"}
-    image = rec.get("image")
-    # One image file with several captions (COCO) is decoded once per unit.
-    cache_key = rec.get("_image_uri")
-    try:
-        cached = cache.get(cache_key) if cache_key else None
-        if isinstance(cached, ImageRejected):
-            raise cached
-        processed = cached or process_image(image, limits)
-        if cache_key:
-            cache[cache_key] = processed
-    except ImageRejected as err:
-        if cache_key:
-            cache[cache_key] = err
-        return None, {"key": key, "reason": err.reason, "detail": err.detail}
+    # A multi-image row (NLVR2) has `images`; every row has a primary image, the first.
+    multi = rec.get("images") is not None
+    blobs = rec["images"] if multi else [rec.get("image")]
+    uris = rec.get("_image_uris") or [None] * len(blobs)
+    processed = []
+    for n, (data, uri) in enumerate(zip(blobs, uris)):
+        try:
+            processed.append(_process_cached(data, uri, limits, cache))
+        except ImageRejected as err:
+            which = f"image {n} ({uri or 'inline'}): " if multi else ""
+            return None, {"key": key, "reason": err.reason, "detail": which + err.detail}
+    first = processed[0]
     bbox = rec.get("bbox")
     return {
         "key": key,
-        "image": processed.jpeg,
+        "image": first.jpeg,
         "caption": caption,
         "url": rec.get("url"),
-        "width": processed.width,
-        "height": processed.height,
-        "image_id": rec.get("image_id"),
+        "width": first.width,
+        "height": first.height,
+        "image_id": None if rec.get("image_id") is None else str(rec["image_id"]),
         "question": question,
         "answers": rec.get("answers"),
         "answer_weights": rec.get("answer_weights"),
-        "bbox": [float(v) * processed.scale for v in bbox] if bbox else None,
-        "label": rec.get("label"),
-        "_dedup": _content_hash(image, caption, question),
+        "bbox": [float(v) * first.scale for v in bbox] if bbox else None,
+        "label": None if rec.get("label") is None else str(rec["label"]),
+        "orig_width": first.orig_width,
+        "orig_height": first.orig_height,
+        "raw_answers": rec.get("raw_answers"),
+        "dataset": rec.get("dataset"),
+        "images": [p.jpeg for p in processed] if multi else None,
+        "_dedup": _content_hash(rec, blobs, caption, question),
         "_row": row,
     }, None
 
 
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _load_image(refs: list[str]) -> tuple[bytes | None, str, str]:
+    """(bytes or None, the URI used, why not) for the first existing of the candidate URIs."""
+    why = ""
+    for uri in refs:
+        try:
+            return storage.read_bytes(uri), uri, ""
+        except FileNotFoundError:
+            why = f"no file at {' or '.join(refs)}"
+        except OSError as err:
+            return None, uri, f"{uri}: {type(err).__name__}: {err}"
+    return None, refs[0], why
+
+
+def _annotation_records(unit: readers.Unit, cfg: IngestConfig, counts: UnitCounts) -> Iterator[dict]:
+    """Rows of an annotation unit in task-format order, images read concurrently per batch."""
+
+    def rows() -> Iterator[dict]:
+        for idx, entry in enumerate(readers.guarded(unit, readers.read_json_unit(unit))):
+            fallback = f"{unit.unit_id}-{idx:06d}"
+            if isinstance(entry, ValueError):
+                yield {"key": fallback, "_reject": ("bad_record", str(entry))}
+            elif isinstance(entry, readers.FaultRecord):
+                yield dict(entry)
+            elif not formats.selected(entry, cfg.splits):
+                counts.skipped += 1
+            else:
+                yield from formats.entry_rows(entry, fallback, cfg.image_root or "")
+
+    # Object-store reads are latency bound: fetch a batch's images concurrently.
+    with ThreadPoolExecutor(max_workers=cfg.download.threads) as pool:
+        for batch in _batches(rows(), 256):
+            refs = {tuple(r) for rec in batch for r in rec.get("_image_refs", [])}
+            loaded = dict(zip(refs, pool.map(lambda r: _load_image(list(r)), refs)))
+            for rec in batch:
+                image_refs = rec.pop("_image_refs", None)
+                if image_refs is None:
+                    yield rec
+                    continue
+                results = [loaded[tuple(r)] for r in image_refs]
+                missing = next((why for data, _, why in results if data is None), None)
+                if missing is not None:
+                    rec["_reject"] = ("missing_image", missing)
+                elif len(results) > 1:
+                    rec["images"] = [data for data, _, _ in results]
+                else:
+                    rec["image"] = results[0][0]
+                rec["_image_uris"] = [uri for _, uri, _ in results]
+                yield rec
+
+
+def _url_records(unit: readers.Unit, cfg: IngestConfig, counts: UnitCounts) -> Iterator[dict]:
+    """Rows of a URL-list unit, downloaded a batch at a time (memory stays bounded)."""
+    rows = readers.guarded(unit, readers.read_url_unit(unit))
+    for batch in _batches(rows, max(64, cfg.download.threads * 8)):
+        todo = [i for i, r in enumerate(batch) if "_reject" not in r]
+        results = fetch_all([batch[i]["url"].strip() for i in todo], cfg.download)
+        for i, res in zip(todo, results):
+            counts.downloads[res.outcome] += 1
+            if res.data is None:
+                batch[i]["_reject"] = (res.reason, f"{res.outcome}: {res.detail}")
+            else:
+                batch[i]["image"] = res.data
+        yield from batch
+
+
 def _raw_records(
-    unit: readers.Unit, cfg: IngestConfig, cols: readers.Columns | None, downloads: Counter
+    unit: readers.Unit, cfg: IngestConfig, cols: readers.Columns | None, counts: UnitCounts
 ) -> Iterator[dict]:
     if unit.kind == "parquet":
         assert cols is not None
-        yield from readers.read_parquet_unit(unit, cols)
+        yield from readers.guarded(unit, readers.read_parquet_unit(unit, cols))
     elif unit.kind == "webdataset":
-        yield from readers.read_webdataset_unit(unit)
+        yield from readers.guarded(unit, readers.read_webdataset_unit(unit))
     elif unit.kind == "json":
-        pairs = list(readers.json_records(unit, cfg.image_root or ""))
-        uris = sorted({u for _, u in pairs if u})
-
-        def load(uri: str) -> bytes | None:
-            try:
-                return storage.read_bytes(uri)
-            except FileNotFoundError:
-                return None
-
-        # Object-store reads are latency bound: fetch the chunk's images concurrently.
-        with ThreadPoolExecutor(max_workers=cfg.download.threads) as pool:
-            blobs = dict(zip(uris, pool.map(load, uris)))
-        for rec, uri in pairs:
-            if uri is not None and "_reject" not in rec:
-                rec["image"] = blobs[uri]
-                rec["_image_uri"] = uri
-                if rec["image"] is None:
-                    rec["_reject"] = ("missing_image", f"no file at {uri}")
-            yield rec
+        yield from _annotation_records(unit, cfg, counts)
     elif unit.kind == "urls":
-        entries = list(unit.entries or [])
-        todo = [i for i, e in enumerate(entries) if isinstance(e.get("url"), str) and e["url"].strip()]
-        results = dict(zip(todo, fetch_all([entries[i]["url"].strip() for i in todo], cfg.download)))
-        for i, entry in enumerate(entries):
-            rec = dict(entry)
-            if i not in results:
-                rec["_reject"] = ("bad_record", f"no URL in row (url={entry.get('url')!r})")
-            else:
-                res = results[i]
-                downloads[res.outcome] += 1
-                if res.data is None:
-                    rec["_reject"] = (res.reason, f"{res.outcome}: {res.detail}")
-                else:
-                    rec["image"] = res.data
-            yield rec
+        yield from _url_records(unit, cfg, counts)
     else:
         raise ValueError(f"unknown unit kind {unit.kind!r}; valid: {INPUT_FORMATS}")
 
 
-def process_unit_records(unit: readers.Unit, cfg: IngestConfig, cols: readers.Columns | None) -> UnitResult:
-    """Read and clean one unit in this process (no Ray): the body of stage A."""
+def process_unit_records(
+    unit: readers.Unit, cfg: IngestConfig, cols: readers.Columns | None, counts: UnitCounts
+) -> Iterator[tuple[dict | None, dict | None]]:
+    """Read and clean one unit in this process (no Ray), streaming: (clean row, None) or
+    (None, reject) per row read. The body of stage A."""
     limits = cfg.limits()
-    good, rejects, downloads = [], [], Counter()
-    read = bytes_read = 0
     cache: dict = {}
-    for row, rec in enumerate(_raw_records(unit, cfg, cols, downloads)):
-        read += 1
-        image = rec.get("image")
-        bytes_read += len(image) if isinstance(image, bytes) else 0
-        clean, reject = _finish_record(rec, cfg, limits, row, cache)
-        if clean is not None:
-            good.append(clean)
-        else:
-            rejects.append(reject)
-    return UnitResult(good=good, rejects=rejects, read=read, bytes_read=bytes_read, downloads=downloads)
+    for row, rec in enumerate(_raw_records(unit, cfg, cols, counts)):
+        counts.read += 1
+        for blob in rec.get("images") or [rec.get("image")]:
+            counts.bytes_read += len(blob) if isinstance(blob, bytes) else 0
+        if len(cache) > 1024:
+            cache.clear()  # a bound on memory; rows of one image are usually adjacent
+        yield _finish_record(rec, cfg, limits, row, cache)
 
 
 # ---- storage layout ----------------------------------------------------------------------------
@@ -311,36 +406,44 @@ def _read_table(uri: str) -> pa.Table:
 def stage_a(unit: readers.Unit, cfg: IngestConfig, cols: readers.Columns | None) -> dict:
     """Process one unit and write its staging, rejects, hash partitions and marker."""
     lay = Layout(cfg.output)
-    res = process_unit_records(unit, cfg, cols)
-    # Clean rows are staged already cut into the final shards; `_row` (in the hashes) is a row's
-    # position among the unit's clean rows, so stage C knows which shard holds a duplicate.
-    for position, row in enumerate(res.good):
-        row["_row"] = position
-    staged = pa.Table.from_pylist(res.good, schema=DATA_SCHEMA)
+    counts = UnitCounts()
+    rejects: list[dict] = []
+    hashes: list[dict] = []
+    pending: list[dict] = []
     chunks = 0
-    for chunks, start in enumerate(range(0, staged.num_rows, cfg.rows_per_shard), start=1):
-        _write_table(lay.staging(unit.unit_id, chunks - 1), staged.slice(start, cfg.rows_per_shard))
-    if res.rejects:
-        _write_table(lay.path("rejects", f"{unit.unit_id}.parquet"), rejects_table(res.rejects))
-    if cfg.dedupe:
-        hashes = pa.Table.from_pylist(
-            [
-                {"key": r["key"], "_dedup": r["_dedup"], "_unit": unit.unit_id, "_row": r["_row"]}
-                for r in res.good
-            ],
-            schema=HASH_SCHEMA,
+    # Clean rows are staged already cut into the final shards, written as each fills; `_row` (in
+    # the hashes) is a row's position among the unit's clean rows, so stage C knows its shard.
+    for clean, reject in process_unit_records(unit, cfg, cols, counts):
+        if reject is not None:
+            rejects.append(reject)
+            continue
+        clean["_row"] = len(hashes)
+        hashes.append(
+            {"key": clean["key"], "_dedup": clean["_dedup"], "_unit": unit.unit_id, "_row": clean["_row"]}
         )
-        part_of = np.array([int(h[0], 16) for h in hashes.column("_dedup").to_pylist()], dtype=np.int64)
+        pending.append(clean)
+        if len(pending) == cfg.rows_per_shard:
+            _write_table(lay.staging(unit.unit_id, chunks), pa.Table.from_pylist(pending, schema=DATA_SCHEMA))
+            chunks, pending = chunks + 1, []
+    if pending:
+        _write_table(lay.staging(unit.unit_id, chunks), pa.Table.from_pylist(pending, schema=DATA_SCHEMA))
+        chunks += 1
+    if rejects:
+        _write_table(lay.path("rejects", f"{unit.unit_id}.parquet"), rejects_table(rejects))
+    if cfg.dedupe and hashes:
+        table = pa.Table.from_pylist(hashes, schema=HASH_SCHEMA)
+        part_of = np.array([int(h[0], 16) for h in table.column("_dedup").to_pylist()], dtype=np.int64)
         for part in np.unique(part_of):
-            _write_table(lay.hashes(int(part), unit.unit_id), hashes.filter(pa.array(part_of == part)))
+            _write_table(lay.hashes(int(part), unit.unit_id), table.filter(pa.array(part_of == part)))
     summary = {
         "unit": unit.unit_id,
-        "read": res.read,
-        "good": len(res.good),
+        "read": counts.read,
+        "good": len(hashes),
         "chunks": chunks,
-        "rejected_by_reason": dict(Counter(r["reason"] for r in res.rejects)),
-        "bytes_read": res.bytes_read,
-        "downloads": dict(res.downloads),
+        "rejected_by_reason": dict(Counter(r["reason"] for r in rejects)),
+        "bytes_read": counts.bytes_read,
+        "skipped": counts.skipped,
+        "downloads": dict(counts.downloads),
     }
     storage.write_text(lay.marker("a", unit.unit_id), json.dumps(summary))  # commit point
     return summary
@@ -478,7 +581,16 @@ def list_units(cfg: IngestConfig) -> tuple[list[readers.Unit], readers.Columns |
     """Split the input into units and resolve its columns (driver side, metadata only)."""
     if cfg.format == "parquet":
         units = readers.parquet_units(cfg.input)
-        names = readers.parquet_schema_names(units[0].source)
+        # Columns from the first file whose footer reads; an unreadable file is its unit's fault.
+        errors = []
+        for unit in units:
+            try:
+                names = readers.parquet_schema_names(unit.source)
+                break
+            except readers.READ_ERRORS as err:
+                errors.append(f"{unit.source}: {err}")
+        else:
+            raise ValueError(f"no readable parquet file among the {len(units)} of {cfg.input!r}: {errors[0]}")
         cols = readers.resolve_columns(
             names,
             image=cfg.image_column,
@@ -495,7 +607,7 @@ def list_units(cfg: IngestConfig) -> tuple[list[readers.Unit], readers.Columns |
             raise ValueError(
                 "format 'json' needs image_root (--image-root): the URI image paths are relative to"
             )
-        return readers.json_units(cfg.input, cfg.rows_per_unit), None
+        return readers.json_units(cfg.input, cfg.rows_per_unit, formats.check_first_entry), None
     return readers.url_units(
         cfg.input, cfg.rows_per_unit, caption=cfg.caption_column, key=cfg.key_column, url=cfg.url_column
     ), None
@@ -513,9 +625,10 @@ def collect_stats(cfg: IngestConfig, units: list[str]) -> dict:
     a, c = _markers(lay, "a"), _markers(lay, "c")
     by_reason: Counter = Counter({r: 0 for r in REJECT_REASONS})
     downloads: Counter = Counter()
-    read = written = bytes_read = bytes_written = 0
+    read = written = bytes_read = bytes_written = skipped = 0
     for u in units:
         read += a[u]["read"]
+        skipped += a[u].get("skipped", 0)
         by_reason.update(a[u]["rejected_by_reason"])
         downloads.update(a[u].get("downloads", {}))
         bytes_read += a[u]["bytes_read"]
@@ -536,9 +649,48 @@ def collect_stats(cfg: IngestConfig, units: list[str]) -> dict:
         "bytes_written": bytes_written,
         "units": len(units),
     }
+    if cfg.splits:
+        stats["skipped_by_split"] = skipped
     if cfg.format == "urls":
         stats["downloads"] = dict(downloads)
     return stats
+
+
+class SettingsMismatch(ValueError):
+    """The output was written with other processing settings."""
+
+
+def prepare_output(cfg: IngestConfig) -> None:
+    """Clear the output (`overwrite`), or check that its recorded settings are this run's, or
+    record them if it is new. Runs before any unit is written."""
+    lay = Layout(cfg.output)
+    if cfg.overwrite:
+        for part in ("data", "rejects", "_state", "_staging"):
+            storage.delete_dir(lay.path(part))
+        if storage.exists(lay.path("stats.json")):
+            storage.delete_file(lay.path("stats.json"))
+    settings_uri = lay.path("_state", "settings.json")
+    mine = cfg.settings()
+    if storage.exists(settings_uri):
+        recorded = json.loads(storage.read_text(settings_uri))
+        if recorded != mine:
+            diff = [
+                f"{k}: {recorded.get(k, '(unset)')!r} there, {mine.get(k, '(unset)')!r} now"
+                for k in sorted(set(recorded) | set(mine))
+                if recorded.get(k) != mine.get(k)
+            ]
+            raise SettingsMismatch(
+                f"output {cfg.output!r} was written with other settings ({'; '.join(diff)}): "
+                "re-run with the same settings to finish it, pass --overwrite to clear it, or "
+                "choose another --output"
+            )
+        return
+    if storage.list_files(lay.path("_state"), ".json") or storage.list_files(lay.path("data"), ".parquet"):
+        raise SettingsMismatch(
+            f"output {cfg.output!r} holds an ingest without recorded settings (an older version): "
+            "pass --overwrite to clear it, or choose another --output"
+        )
+    storage.write_text(settings_uri, json.dumps(mine, indent=1, sort_keys=True))
 
 
 def run_ingest(config: IngestConfig) -> dict:
@@ -551,7 +703,8 @@ def run_ingest(config: IngestConfig) -> dict:
     info = init_ray()
     cfg = config
     lay = Layout(cfg.output)
-    units, cols = list_units(cfg)
+    units, cols = list_units(cfg)  # before prepare_output: a bad input changes nothing
+    prepare_output(cfg)
     ids = [u.unit_id for u in units]
     if len(set(ids)) != len(ids):
         raise ValueError(

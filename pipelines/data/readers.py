@@ -1,21 +1,38 @@
-"""Input readers: split an input into *units* (one per input file, or one per chunk of an
-annotation/URL list) on the driver, and turn one unit into raw records inside a worker.
+"""Input readers: split an input into *units* on the driver, and turn one unit into raw records
+inside a worker.
+
+The driver reads metadata only — file listings, parquet footers, the first line of a text file —
+and for a JSON array one pass of the file in bounded memory; a unit is a small descriptor (file,
+byte range or row groups, resolved column names), never the rows. Units:
+
+- `parquet` (encoded images): one per file. `webdataset`: one per tar.
+- `json` annotations and `.json` URL lists: a JSON array (or the `"images"` array of a Karpathy
+  `{"images": [...]}` file) is scanned once by the driver, element by element, and cut into byte
+  ranges of `rows_per_unit` elements; JSON Lines are cut like text files. Told apart by content.
+- text URL lists (`.csv` `.tsv` with a header line, `.jsonl`, `.txt` one URL a line): byte ranges
+  aligned to line starts — a line belongs to the unit its first byte falls in — sized to about
+  `rows_per_unit` lines from the first MiB of the file. No newlines inside quoted fields.
+- parquet URL lists: row groups (consecutive small ones merged up to `rows_per_unit` rows).
 
 A raw record is a dict with `key`, `image` (bytes or None), `caption`, optional task fields and
 `url`, and `_reject` = (reason, detail) when the reader already knows the row is bad. Column
-names are resolved once, on the driver, so a LAION-style (`URL`/`TEXT`) or img2dataset
+names are resolved on the driver, so a LAION-style (`URL`/`TEXT`) or img2dataset
 (`jpg`/`caption`/`key`/`status`) input maps in with no options.
+
+A unit that cannot be read (truncated tar, unreadable parquet, not JSON) ends in one `bad_shard`
+record keyed by the file (`guarded`): the rows read before the fault count as usual.
 """
 
 from __future__ import annotations
 
 import csv
-import io
+import dataclasses
 import json
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -25,10 +42,23 @@ from pipelines import storage
 
 IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 CAPTION_COLUMNS = ("caption", "TEXT", "text", "txt", "Caption")
-KEY_COLUMNS = ("key", "KEY", "id")
+KEY_COLUMNS = ("key", "KEY", "id", "SAMPLE_ID")
 URL_COLUMNS = ("url", "URL")
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 URL_LIST_SUFFIXES = (".parquet", ".csv", ".tsv", ".jsonl", ".json", ".txt")
+ANNOTATION_SUFFIXES = (".json", ".jsonl")
+
+# What reading a damaged or unreachable input raises (after the filesystem's own retries).
+READ_ERRORS = (OSError, ValueError, EOFError, tarfile.TarError, zlib.error, pa.ArrowException)
+
+_READ_CHUNK = 1 << 20
+_MAX_ENTRY_BYTES = 64 << 20  # one JSON entry larger than this is taken for a damaged file
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+class ColumnError(ValueError):
+    """The input lacks a column ingest needs (a configuration problem, not a damaged file)."""
 
 
 @dataclass
@@ -46,18 +76,60 @@ class Columns:
 
 @dataclass
 class Unit:
-    """One piece of independent ingest work with a stable id (it names every output it writes)."""
+    """One piece of independent ingest work with a stable id (it names every output it writes).
+
+    `layout` says which part of `source` it is: the whole `file`, the `lines` or JSON `array`
+    elements starting in the byte range [start, end) (end -1: to the end of the file), or
+    parquet `row_groups`. `error` is set when the driver already found the part unreadable."""
 
     unit_id: str
     kind: str  # parquet | webdataset | json | urls
     source: str  # file URI
-    entries: list | None = None  # json / urls: the rows of this chunk
+    layout: str = "file"  # file | lines | array | row_groups
+    start: int = 0
+    end: int = -1
+    row_groups: list[int] | None = None
+    rows: int | None = None  # when the driver knows it (array elements, row groups)
+    text_format: str = ""  # urls: csv | tsv | jsonl | txt | json | parquet; json: array | lines
+    header: list[str] | None = None  # csv/tsv: the header line's names
+    columns: dict | None = None  # urls: the file's resolved Columns
+    error: str | None = None
+
+
+def fault_key(unit: Unit) -> str:
+    """The key of the one reject a unreadable unit (or rest of one) counts as."""
+    if unit.layout in ("lines", "array") and unit.start:
+        return f"{unit.source}@{unit.start}"
+    if unit.layout == "row_groups" and unit.row_groups:
+        return f"{unit.source}#rowgroup{unit.row_groups[0]}"
+    return unit.source
+
+
+class FaultRecord(dict):
+    """The one `bad_shard` record an unreadable unit (or the unreadable rest of one) counts as."""
+
+
+def guarded(unit: Unit, records: Iterator) -> Iterator:
+    """`records`, ending in one FaultRecord if the unit turns out unreadable."""
+    if unit.error:
+        yield FaultRecord(key=fault_key(unit), _reject=("bad_shard", f"{unit.source}: {unit.error}"))
+        return
+    read = 0
+    try:
+        for rec in records:
+            read += 1
+            yield rec
+    except READ_ERRORS as err:
+        detail = f"{unit.source}: {type(err).__name__}: {err}"
+        if read:
+            detail += f" (after {read} readable rows of this unit, which are counted as usual)"
+        yield FaultRecord(key=fault_key(unit), _reject=("bad_shard", detail))
 
 
 def _pick(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str | None:
     if wanted:
         if wanted not in names:
-            raise ValueError(f"{what} column {wanted!r} not in the input; columns are {names}")
+            raise ColumnError(f"{what} column {wanted!r} not in the input; columns are {names}")
         return wanted
     return next((c for c in candidates if c in names), None)
 
@@ -76,14 +148,14 @@ def resolve_columns(names: list[str], *, image: str | None, caption: str | None,
         task=[c for c in TASK_COLUMNS if c in names],
     )
     if need_image and cols.image is None:
-        raise ValueError(
+        raise ColumnError(
             f"no image column among {names}: pass --image-column (looked for {list(IMAGE_COLUMNS)}); "
             "for a URL list use --format urls"
         )
     if not need_image and cols.url is None:
-        raise ValueError(f"no URL column among {names}: pass --url-column (looked for {list(URL_COLUMNS)})")
+        raise ColumnError(f"no URL column among {names}: pass --url-column (looked for {list(URL_COLUMNS)})")
     if cols.caption is None:
-        raise ValueError(
+        raise ColumnError(
             f"no caption column among {names}: pass --caption-column (looked for {list(CAPTION_COLUMNS)})"
         )
     return cols
@@ -114,6 +186,270 @@ def _files(input_uri: str, suffixes: tuple[str, ...]) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no {'/'.join(suffixes)} files under {input_uri!r}")
     return files
+
+
+def _file_size(file_uri: str) -> int:
+    fs, path = storage.pyarrow_fs(file_uri)
+    return fs.get_file_info(path).size
+
+
+def _head(file_uri: str, size: int = _READ_CHUNK) -> bytes:
+    fs, path = storage.pyarrow_fs(file_uri)
+    with fs.open_input_stream(path) as f:
+        return f.read(size)
+
+
+# ---- byte ranges of lines ----------------------------------------------------------------------
+def line_ranges(file_uri: str, rows_per_unit: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of about `rows_per_unit` lines each, from the first MiB's line length."""
+    size = _file_size(file_uri)
+    if size == 0:
+        return []
+    head = _head(file_uri)
+    bytes_per_line = len(head) / max(1, head.count(b"\n"))
+    span = max(1, int(bytes_per_line * rows_per_unit))
+    return [(start, min(start + span, size)) for start in range(0, size, span)]
+
+
+def iter_lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line without its newline) of each line that starts in [start, end)."""
+    fs, path = storage.pyarrow_fs(unit.source)
+    end = unit.end if unit.end >= 0 else float("inf")
+    with fs.open_input_file(path) as f:
+        # Start one byte early: if that byte is a newline, the unit's first line starts at `start`.
+        pos = max(unit.start - 1, 0)
+        f.seek(pos)
+        buf = b""
+        skip_partial = unit.start > 0
+        while True:
+            newline = buf.find(b"\n")
+            if newline < 0:
+                chunk = f.read(_READ_CHUNK)
+                if chunk:
+                    buf += chunk
+                    continue
+                if buf and not skip_partial and pos < end:
+                    yield pos, buf.rstrip(b"\r")  # last line without a newline
+                return
+            line, buf = buf[:newline], buf[newline + 1 :]
+            if skip_partial:
+                skip_partial = False
+            elif pos < end:
+                yield pos, line.rstrip(b"\r")
+            else:
+                return
+            pos += newline + 1
+            if pos >= end:
+                return
+
+
+# ---- JSON: layout detection and element spans, in bounded memory -------------------------------
+class JsonScanError(ValueError):
+    def __init__(self, pos: int, msg: str, entry_start: int | None = None) -> None:
+        super().__init__(f"{msg} at byte {pos}")
+        self.pos = pos
+        self.msg = msg
+        self.entry_start = pos if entry_start is None else entry_start
+
+
+class _Window:
+    """A sliding latin-1 view of a binary stream. Latin-1 maps each byte to one character, so text
+    positions are byte offsets; JSON's structural characters are ASCII and a multi-byte UTF-8
+    sequence only ever sits inside a string, where any character is valid JSON."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.base = 0  # byte offset of text[0]
+        self.text = ""
+        self.eof = False
+
+    def more(self) -> bool:
+        chunk = self.f.read(_READ_CHUNK)
+        if not chunk:
+            self.eof = True
+            return False
+        self.text += chunk.decode("latin-1")
+        return True
+
+    def compact(self, i: int) -> int:
+        """Forget text before index i (once there is much of it); returns i's new index."""
+        if i > _READ_CHUNK:
+            self.base += i
+            self.text = self.text[i:]
+            return 0
+        return i
+
+    def skip_ws(self, i: int) -> int:
+        while True:
+            i = _WS.match(self.text, i).end()
+            if i < len(self.text) or not self.more():
+                return i
+
+    def char(self, i: int) -> str:
+        return self.text[i] if i < len(self.text) else ""
+
+    def decode(self, i: int) -> tuple[object, int]:
+        """One JSON value starting at index i → (value, index after it)."""
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.text, i)
+                if end < len(self.text) or self.eof:  # a number could go on past the window
+                    return value, end
+            except json.JSONDecodeError as err:
+                incomplete = err.pos >= len(self.text) - 16 or err.msg.startswith("Unterminated string")
+                if self.eof or not incomplete:
+                    raise JsonScanError(self.base + err.pos, err.msg) from None
+                if len(self.text) - i > _MAX_ENTRY_BYTES:
+                    raise JsonScanError(
+                        self.base + i, f"an entry longer than {_MAX_ENTRY_BYTES} bytes (damaged file?)"
+                    ) from None
+            self.more()
+
+    def expect(self, i: int, chars: str, what: str) -> str:
+        c = self.char(i)
+        if not c or c not in chars:
+            raise JsonScanError(self.base + i, f"expected {what}, found {c or 'the end of the file'!r}")
+        return c
+
+
+def json_layout(w: _Window) -> tuple[str, int]:
+    """How a JSON file holds its entries, from its first bytes: ("array", index of its '['),
+    ("container", index of the '[' of a Karpathy-style {"images": [{...}, ...]}), ("lines", 0)
+    for JSON Lines (a first object that is itself an entry), or ("empty", 0)."""
+    i = w.skip_ws(0)
+    c = w.char(i)
+    if not c:
+        return "empty", i
+    if c == "[":
+        return "array", i
+    if c != "{":
+        raise JsonScanError(w.base + i, f"not JSON: starts with {c!r}")
+    j = w.skip_ws(i + 1)
+    if w.char(j) == "}":
+        return "lines", i
+    while True:
+        w.expect(j, '"', "a key")
+        key, j = w.decode(j)
+        j = w.skip_ws(j)
+        w.expect(j, ":", "':'")
+        j = w.skip_ws(j + 1)
+        if key == "images" and w.char(j) == "[" and w.char(w.skip_ws(j + 1)) == "{":
+            return "container", j  # (NLVR2's "images" is a list of paths: an entry, not a container)
+        _, j = w.decode(j)
+        j = w.skip_ws(j)
+        if w.expect(j, ",}", "',' or '}'") == "}":
+            return "lines", i
+        j = w.skip_ws(j + 1)
+
+
+def _array_spans(w: _Window, i: int) -> Iterator[tuple[int, int, object]]:
+    """(start byte, end byte, value) of each element of the array whose '[' is at index i."""
+    i = w.skip_ws(i + 1)
+    if w.char(i) == "]":
+        return
+    while True:
+        i = w.compact(i)
+        start = w.base + i
+        try:
+            value, end = w.decode(i)
+        except JsonScanError as err:
+            raise JsonScanError(err.pos, err.msg, entry_start=start) from None
+        yield start, w.base + end, value
+        i = w.skip_ws(end)
+        c = w.char(i)
+        if c == "]":
+            return
+        if c != ",":
+            raise JsonScanError(
+                w.base + i, f"expected ',' or ']' after an entry, found {c or 'the end of the file'!r}",
+                entry_start=w.base + i,
+            )  # fmt: skip
+        i = w.skip_ws(i + 1)
+
+
+def _array_units(
+    w: _Window, i: int, file_uri: str, base: str, kind: str, rows_per_unit: int, check: Callable | None
+) -> Iterator[Unit]:
+    """Units of `rows_per_unit` consecutive elements; a damaged rest of the file is one unit of its own."""
+    n = count = 0
+    first = last = 0
+
+    def unit(**kw) -> Unit:
+        return Unit(f"{base}-{n:05d}", kind, file_uri, layout="array", text_format="array", **kw)
+
+    try:
+        for start, end, value in _array_spans(w, i):
+            if check is not None and n == 0 and count == 0:
+                check(value, file_uri)
+            if count == 0:
+                first = start
+            last, count = end, count + 1
+            if count == rows_per_unit:
+                yield unit(start=first, end=last, rows=count)
+                n, count = n + 1, 0
+    except JsonScanError as err:
+        if count:
+            yield unit(start=first, end=last, rows=count)
+            n += 1
+        yield unit(start=err.entry_start, end=-1, rows=1, error=f"not valid JSON: {err}")
+        return
+    if count:
+        yield unit(start=first, end=last, rows=count)
+
+
+def json_file_units(
+    file_uri: str, base: str, kind: str, rows_per_unit: int, check: Callable | None = None
+) -> list[Unit]:
+    """Units of one JSON (array / container / JSON Lines) file, told apart by content."""
+    fs, path = storage.pyarrow_fs(file_uri)
+    with fs.open_input_stream(path) as f:
+        w = _Window(f)
+        try:
+            layout, i = json_layout(w)
+        except JsonScanError as err:
+            return [Unit(f"{base}-00000", kind, file_uri, error=f"not JSON: {err}")]
+        if layout == "empty":
+            return []
+        if layout in ("array", "container"):
+            return list(_array_units(w, i, file_uri, base, kind, rows_per_unit, check))
+    if check is not None:
+        try:
+            first = json.loads(next(iter_lines(Unit("", kind, file_uri, layout="lines")))[1])
+        except (ValueError, StopIteration):
+            first = None  # a damaged first line is that row's reject, found by its worker
+        if first is not None:
+            check(first, file_uri)
+    return [
+        Unit(f"{base}-{n:05d}", kind, file_uri, layout="lines", start=s, end=e, text_format="lines")
+        for n, (s, e) in enumerate(line_ranges(file_uri, rows_per_unit))
+    ]
+
+
+def read_json_unit(unit: Unit) -> Iterator[object]:
+    """The unit's JSON entries; a JSON Lines line that does not parse comes as a ValueError."""
+    if unit.layout == "lines":
+        for offset, line in iter_lines(unit):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except ValueError as err:  # one bad line is that row's problem, not the file's
+                yield ValueError(f"line at byte {offset} is not JSON: {err}")
+        return
+    fs, path = storage.pyarrow_fs(unit.source)
+    with fs.open_input_file(path) as f:
+        f.seek(unit.start)
+        text = f.read(unit.end - unit.start).decode("utf-8")
+    i = 0
+    while True:
+        i = _WS.match(text, i).end()
+        if i >= len(text):
+            return
+        if text[i] == ",":
+            i += 1
+            continue
+        value, i = _DECODER.raw_decode(text, i)
+        yield value
 
 
 # ---- parquet -----------------------------------------------------------------------------------
@@ -205,7 +541,8 @@ def _wds_record(key: str, members: dict[str, bytes]) -> dict:
 
 
 def read_webdataset_unit(unit: Unit) -> Iterator[dict]:
-    """Stream a tar (no seeking, so it works on object storage) and group members by key."""
+    """Stream a tar (no seeking, so it works on object storage) and group members by key. A
+    truncated tar raises when reading reaches the damage; the sample being read then is lost."""
     fs, path = storage.pyarrow_fs(unit.source)
     current: str | None = None
     members: dict[str, bytes] = {}
@@ -224,119 +561,179 @@ def read_webdataset_unit(unit: Unit) -> Iterator[dict]:
         yield _wds_record(current, members)
 
 
-# ---- ALBEF/mPLUG JSON annotations ----------------------------------------------------------------
-def json_units(input_uri: str, rows_per_unit: int) -> list[Unit]:
-    units = []
-    for file_uri in _files(input_uri, (".json",)):
-        entries = json.loads(storage.read_text(file_uri))
-        if not isinstance(entries, list):
-            raise ValueError(
-                f"{file_uri}: an annotation file must hold a JSON list, got {type(entries).__name__}"
-            )
-        base = unit_id_for(input_uri, file_uri)
-        for n, start in enumerate(range(0, len(entries), rows_per_unit)):
-            units.append(Unit(f"{base}-{n:05d}", "json", file_uri, entries[start : start + rows_per_unit]))
+# ---- annotation files (json) -------------------------------------------------------------------
+def json_units(input_uri: str, rows_per_unit: int, check: Callable | None = None) -> list[Unit]:
+    """Units of every annotation file; `check(first_entry, file_uri)` may refuse a file up front."""
+    units: list[Unit] = []
+    for file_uri in _files(input_uri, ANNOTATION_SUFFIXES):
+        units += json_file_units(file_uri, unit_id_for(input_uri, file_uri), "json", rows_per_unit, check)
     return units
 
 
-def _answers(entry: dict) -> tuple[list[str] | None, list[float] | None]:
-    answer = entry.get("answers", entry.get("answer"))
-    if answer is None:
-        return None, None
-    answers = [answer] if isinstance(answer, str) else [str(a) for a in answer]
-    # VQA weights as the official code computes them: each distinct answer's share of the votes.
-    counts: dict[str, int] = {}
-    for a in answers:
-        counts[a] = counts.get(a, 0) + 1
-    distinct = list(counts)
-    return distinct, [counts[a] / len(answers) for a in distinct]
-
-
-def json_records(unit: Unit, image_root: str) -> Iterator[tuple[dict, str | None]]:
-    """(raw record without image bytes, image URI or None) for every caption/question of the chunk."""
-    assert unit.entries is not None
-    for idx, entry in enumerate(unit.entries):
-        fallback_key = f"{unit.unit_id}-{idx:06d}"
-        if not isinstance(entry, dict):
-            yield (
-                {"key": fallback_key, "_reject": ("bad_record", f"entry {idx} is a {type(entry).__name__}")},
-                None,
-            )
-            continue
-        key = str(entry.get("key") or entry.get("question_id") or fallback_key)
-        image = entry.get("image")
-        if not isinstance(image, str) or not image:
-            yield (
-                {
-                    "key": key,
-                    "_reject": ("bad_record", f"entry {idx}: 'image' must be a path, got {image!r}"),
-                },
-                None,
-            )
-            continue
-        caption = entry.get("caption")
-        captions = caption if isinstance(caption, list) else [caption]
-        if caption is not None and not all(isinstance(c, str) for c in captions):
-            yield (
-                {
-                    "key": key,
-                    "_reject": ("bad_record", f"entry {idx}: caption must be text, got {caption!r}"),
-                },
-                None,
-            )
-            continue
-        answers, weights = _answers(entry)
-        bbox = entry.get("bbox")
-        base = {
-            "image_id": str(entry["image_id"]) if entry.get("image_id") is not None else None,
-            "question": entry.get("question"),
-            "answers": answers,
-            "answer_weights": weights,
-            "bbox": [float(v) for v in bbox] if isinstance(bbox, list) and len(bbox) == 4 else None,
-            "label": str(entry["label"]) if entry.get("label") is not None else None,
-            "url": None,
-        }
-        uri = storage.join(image_root, image)
-        for c_idx, cap in enumerate(captions):
-            # COCO-style lists: one row per caption, same image (not duplicates of each other).
-            row_key = key if len(captions) == 1 else f"{key}#{c_idx}"
-            yield {"key": row_key, "caption": cap, **base}, uri
-
-
 # ---- URL lists ---------------------------------------------------------------------------------
-def _read_url_rows(file_uri: str) -> list[dict]:
+def _url_list_format(file_uri: str) -> str:
     suffix = posixpath.splitext(file_uri)[1].lower()
-    if suffix == ".parquet":
-        return pq.read_table(pa.py_buffer(storage.read_bytes(file_uri))).to_pylist()
-    text = storage.read_text(file_uri)
-    if suffix in (".csv", ".tsv"):
-        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
-    if suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    if suffix == ".json":
-        rows = json.loads(text)
-        if not isinstance(rows, list):
-            raise ValueError(f"{file_uri}: a JSON URL list must be a list of objects")
-        return rows
-    return [{"url": line.strip(), "caption": ""} for line in text.splitlines() if line.strip()]  # .txt
+    return suffix.lstrip(".") if suffix in URL_LIST_SUFFIXES else "txt"
+
+
+def _parquet_row_group_units(file_uri: str, base: str, rows_per_unit: int, cols: dict) -> list[Unit]:
+    fs, path = storage.pyarrow_fs(file_uri)
+    with fs.open_input_file(path) as f:
+        meta = pq.ParquetFile(f).metadata
+    spans: list[list[int]] = []
+    rows: list[int] = []
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        if not spans or rows[-1] + n > rows_per_unit:
+            spans.append([])
+            rows.append(0)
+        spans[-1].append(g)
+        rows[-1] += n
+    return [
+        Unit(
+            f"{base}-{i:05d}",
+            "urls",
+            file_uri,
+            layout="row_groups",
+            row_groups=groups,
+            rows=n,
+            text_format="parquet",
+            columns=cols,
+        )  # fmt: skip
+        for i, (groups, n) in enumerate(zip(spans, rows))
+    ]
+
+
+def _url_file_units(file_uri: str, base: str, fmt: str, rows_per_unit: int, names: dict) -> list[Unit]:
+    def columns(found: list[str]) -> dict:
+        return dataclasses.asdict(resolve_columns(found, image=None, need_image=False, **names))
+
+    if fmt == "json":
+        first: list = []
+        units = json_file_units(file_uri, base, "urls", rows_per_unit, lambda e, _: first.append(e))
+        found = sorted(first[0]) if first and isinstance(first[0], dict) else ["url", "caption"]
+        for u in units:
+            u.columns, u.text_format = columns(found), "json"
+        return units
+    if fmt == "parquet":
+        return _parquet_row_group_units(
+            file_uri, base, rows_per_unit, columns(parquet_schema_names(file_uri))
+        )
+    if _file_size(file_uri) == 0:
+        return []
+    header = None
+    if fmt == "txt":
+        found = ["url", "caption"]
+    else:
+        line = next(iter_lines(Unit("", "urls", file_uri, layout="lines")), (0, b""))[1]
+        if fmt == "jsonl":
+            entry = json.loads(line) if line.strip() else {}
+            found = sorted(entry) if isinstance(entry, dict) else []
+        else:
+            header = next(csv.reader([line.decode("utf-8")], delimiter="\t" if fmt == "tsv" else ","), [])
+            found = header
+    cols = columns(found)
+    return [
+        Unit(
+            f"{base}-{n:05d}",
+            "urls",
+            file_uri,
+            layout="lines",
+            start=s,
+            end=e,
+            text_format=fmt,
+            header=header,
+            columns=cols,
+        )  # fmt: skip
+        for n, (s, e) in enumerate(line_ranges(file_uri, rows_per_unit))
+    ]
 
 
 def url_units(
     input_uri: str, rows_per_unit: int, *, caption: str | None, key: str | None, url: str | None
 ) -> list[Unit]:
-    units = []
+    """Units of every URL list file (column names resolved per file, from metadata only)."""
+    units: list[Unit] = []
+    names = {"caption": caption, "key": key, "url": url}
     for file_uri in _files(input_uri, URL_LIST_SUFFIXES):
-        rows = _read_url_rows(file_uri)
-        names = sorted({k for r in rows for k in r}) if rows else ["url", "caption"]
-        cols = resolve_columns(names, image=None, caption=caption, key=key, url=url, need_image=False)
+        fmt = _url_list_format(file_uri)
         base = unit_id_for(input_uri, file_uri)
-        entries = []
-        for i, r in enumerate(rows):
-            k = r.get(cols.key) if cols.key else None
-            entries.append(
-                {"key": str(k) if k is not None else f"{base}-{i:07d}", "url": r.get(cols.url),
-                 "caption": r.get(cols.caption), **{c: r.get(c) for c in cols.task}}
-            )  # fmt: skip
-        for n, start in enumerate(range(0, len(entries), rows_per_unit)):
-            units.append(Unit(f"{base}-{n:05d}", "urls", file_uri, entries[start : start + rows_per_unit]))
+        try:
+            units += _url_file_units(file_uri, base, fmt, rows_per_unit, names)
+        except ColumnError:
+            raise
+        except READ_ERRORS as err:
+            # Unreadable metadata (footer, first line): the whole file counts as one bad_shard.
+            units.append(Unit(f"{base}-00000", "urls", file_uri, text_format=fmt,
+                              error=f"{type(err).__name__}: {err}"))  # fmt: skip
     return units
+
+
+def _url_record(row: dict, cols: Columns, fallback_key: str) -> dict:
+    key = row.get(cols.key) if cols.key else None
+    rec = {
+        "key": str(key) if key is not None and key != "" else fallback_key,
+        "url": row.get(cols.url),
+        "caption": row.get(cols.caption) if cols.caption else None,
+        **{c: row.get(c) for c in cols.task},
+    }
+    status = row.get(cols.status) if cols.status else None
+    if status not in (None, "", "success"):
+        # An img2dataset output fed back as a URL list: rows it already failed are not fetched again.
+        message = row.get(cols.error_message) if cols.error_message else None
+        rec["_reject"] = ("download_error", f"producer status {status!r}: {message}")
+    elif not isinstance(rec["url"], str) or not rec["url"].strip():
+        rec["_reject"] = ("bad_record", f"no URL in row (url={rec['url']!r})")
+    return rec
+
+
+def _url_rows(unit: Unit) -> Iterator[object]:
+    """The unit's rows as dicts (or a ValueError for a line that does not parse)."""
+    fmt = unit.text_format
+    if fmt == "parquet":
+        cols = Columns(**(unit.columns or {}))
+        wanted = [
+            c for c in (cols.url, cols.caption, cols.key, cols.status, cols.error_message, *cols.task) if c
+        ]
+        fs, path = storage.pyarrow_fs(unit.source)
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            for batch in pf.iter_batches(batch_size=4096, row_groups=unit.row_groups,
+                                         columns=list(dict.fromkeys(wanted))):  # fmt: skip
+                yield from batch.to_pylist()
+        return
+    if fmt == "json":
+        yield from read_json_unit(unit)
+        return
+    header = unit.header or []
+    for offset, line in iter_lines(unit):
+        if unit.start == 0 and offset == 0 and fmt in ("csv", "tsv"):
+            continue  # the header line
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+            if fmt == "txt":
+                yield {"url": text.strip(), "caption": ""}
+            elif fmt == "jsonl":
+                yield json.loads(text)
+            else:
+                values = next(csv.reader([text], delimiter="\t" if fmt == "tsv" else ","))
+                if len(values) != len(header):
+                    raise ValueError(f"{len(values)} fields, the header has {len(header)}")
+                yield dict(zip(header, values))
+        except ValueError as err:
+            yield ValueError(f"line at byte {offset}: {err}")
+
+
+def read_url_unit(unit: Unit) -> Iterator[dict]:
+    """Raw records (no image yet) of one URL-list unit."""
+    cols = Columns(**(unit.columns or {}))
+    for i, row in enumerate(_url_rows(unit)):
+        fallback = f"{unit.unit_id}-{i:07d}"
+        if isinstance(row, Exception):
+            yield {"key": fallback, "_reject": ("bad_record", str(row))}
+        elif not isinstance(row, dict):
+            yield {"key": fallback, "_reject": ("bad_record", f"row {i} is a {type(row).__name__}")}
+        else:
+            yield _url_record(row, cols, fallback)

@@ -17,29 +17,45 @@ REJECT_REASONS: dict[str, str] = {
     "bad_aspect": "long side / short side exceeds `max_aspect_ratio`",
     "too_large": "more pixels than `max_image_pixels` (decompression-bomb guard) or more bytes than `max_image_bytes`",
     "empty_caption": "the caption (and question, if any) is empty after cleaning",
-    "duplicate": "same image bytes and same cleaned caption/question as a row with a smaller key",
-    "bad_record": "a malformed row or annotation (missing key field, wrong type, unparseable metadata)",
+    "duplicate": "same image bytes, cleaned caption/question and task fields as a row with a smaller key",
+    "bad_record": "a malformed row or annotation (missing key field, wrong type, unparseable metadata, no known format)",
+    "bad_shard": "a whole input file, or the rest of one, could not be read (truncated tar, unreadable parquet, not JSON); counted as one row keyed by the file",
 }
 
 # Processed shards (OUTPUT/data/*.parquet): one fixed schema so shards from any input format and
-# any corpus can be read together. Task columns are null where the input had none.
+# any corpus can be read together. Task columns are null where the input had none. Columns are
+# only ever added at the end and nullable: a reader of older shards treats a missing one as null.
 DATA_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("image", pa.binary()),  # JPEG bytes, shorter side = the configured resolution
         ("caption", pa.string()),
         ("url", pa.string()),
-        ("width", pa.int32()),
+        ("width", pa.int32()),  # stored image size
         ("height", pa.int32()),
-        ("image_id", pa.string()),
+        ("image_id", pa.string()),  # the annotation's image id, else the image path
         ("question", pa.string()),
-        ("answers", pa.list_(pa.string())),
-        ("answer_weights", pa.list_(pa.float32())),
+        ("answers", pa.list_(pa.string())),  # distinct answers
+        ("answer_weights", pa.list_(pa.float32())),  # each distinct answer's share of `raw_answers`
         ("bbox", pa.list_(pa.float32())),  # x, y, w, h in pixels of the *resized* image
         ("label", pa.string()),
+        ("orig_width", pa.int32()),  # the source image's size (EXIF orientation applied)
+        ("orig_height", pa.int32()),
+        ("raw_answers", pa.list_(pa.string())),  # the answers as annotated, in order, with repeats
+        ("dataset", pa.string()),  # the VQA answer source ("vqa", "vg", "gqa", ...)
+        ("images", pa.list_(pa.binary())),  # every image of a multi-image row (NLVR2: left, right)
     ]
 )
-TASK_COLUMNS = ("image_id", "question", "answers", "answer_weights", "bbox", "label")
+TASK_COLUMNS = (
+    "image_id",
+    "question",
+    "answers",
+    "answer_weights",
+    "raw_answers",
+    "dataset",
+    "bbox",
+    "label",
+)
 
 # OUTPUT/rejects/*.parquet: the row's key, one reason from REJECT_REASONS, a free-text detail.
 REJECT_SCHEMA = pa.schema([("key", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
@@ -61,6 +77,16 @@ def clean_caption(text: str, max_words: int = 30) -> str:
 
 def empty_data_table() -> pa.Table:
     return DATA_SCHEMA.empty_table()
+
+
+def conform_to_schema(table: pa.Table) -> pa.Table:
+    """A processed shard with every DATA_SCHEMA column, in schema order: columns a shard written
+    before they existed are added as nulls (columns are only ever added, nullable)."""
+    columns = [
+        table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+        for f in DATA_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=DATA_SCHEMA)
 
 
 def rejects_table(rows: list[dict]) -> pa.Table:

@@ -114,3 +114,56 @@ def test_rerun_after_interruption_finishes_without_duplicates(ray_session, s3_bu
     assert sorted(check_output(out, again, 32).column("key").to_pylist()) == [
         f"train-{i:06d}" for i in range(60)
     ]
+
+
+def test_every_task_annotation_format_s3_to_s3(ray_session, s3_bucket):
+    """The official files of every finetuning task, unchanged, in one ingest (formats are told
+    apart per entry): each format's rows and columns arrive, counts balance."""
+    from tests.unit.test_data_formats import TASK_FILES, write_images, write_task_file
+
+    root = s3_bucket.uri("tasks")
+    write_images(root)
+    for name in TASK_FILES:
+        write_task_file(storage.join(root, "annotations"), name)
+    out = s3_bucket.uri("processed")
+    cfg = IngestConfig(input=storage.join(root, "annotations"), format="json", image_root=root, output=out,
+                       image_size=32, dedupe=False, splits=["train", "restval"], rows_per_unit=1)  # fmt: skip
+    stats = run_ingest(cfg)
+    assert (stats["read"], stats["written"], stats["rejected"], stats["skipped_by_split"]) == (14, 13, 1, 1)
+    assert stats["rejected_by_reason"]["too_small"] == 1  # NLVR2's pair with a tiny right image
+    rows = {r["key"]: r for r in check_output(out, stats, 32).to_pylist()}
+    assert rows["101"]["raw_answers"][:3] == ["Red", "red", "red"] and rows["102"]["dataset"] == "vg"
+    assert {k for k in rows if "#" in k and k[0].isdigit()} == {"1#0", "1#1", "2#0"}  # Karpathy
+    assert sum(k.startswith("retrieval_test-") for k in rows) == 3
+    assert rows["7"]["bbox"] == [16, 8, 32, 16] and (rows["7"]["orig_width"], rows["7"]["orig_height"]) == (
+        128,
+        64,
+    )
+    assert len(rows["dev-1"]["images"]) == 2 and rows["dev-1"]["label"] == "True"
+    assert sorted(r["label"] for k, r in rows.items() if k.startswith("ve_test-")) == [
+        "entailment",
+        "neutral",
+    ]
+    assert all(r["images"] is None for k, r in rows.items() if k != "dev-1")
+
+
+def test_cli_exit_status_says_an_input_was_unreadable_and_refuses_other_settings(
+    ray_session, s3_bucket, capsys
+):
+    from jobs.cli import main
+
+    img = io.BytesIO()
+    Image.new("RGB", (48, 48), (200, 0, 0)).save(img, format="JPEG")
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"jpg": [img.getvalue()], "caption": ["a red square"]}), sink)
+    storage.write_bytes(s3_bucket.uri("raw", "good.parquet"), sink.getvalue().to_pybytes())
+    storage.write_bytes(s3_bucket.uri("raw", "broken.parquet"), b"not parquet at all")
+    out = s3_bucket.uri("out")
+    argv = ["ingest", "--input", s3_bucket.uri("raw"), "--format", "parquet", "--output", out, "--quiet"]
+    assert main([*argv, "--image-size", "32"]) == 3
+    stats = json.loads(storage.read_text(storage.join(out, "stats.json")))
+    assert (stats["read"], stats["written"], stats["rejected_by_reason"]["bad_shard"]) == (2, 1, 1)
+    assert "could not be read" in capsys.readouterr().err
+    assert main([*argv, "--image-size", "48"]) == 2
+    assert "image_size: 32 there, 48 now" in capsys.readouterr().err
+    assert main([*argv, "--image-size", "48", "--overwrite"]) == 3

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,11 +14,14 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
+from pipelines.data import readers
 from pipelines.data.ingest import (
     HASH_PARTITIONS,
     IngestConfig,
+    SettingsMismatch,
     collect_stats,
     list_units,
+    prepare_output,
     stage_a,
     stage_b,
     stage_c,
@@ -28,7 +33,9 @@ pytestmark = pytest.mark.unit
 
 
 def ingest_in_process(cfg: IngestConfig) -> dict:
+    """run_ingest's steps without Ray: list units, check the output, stages A, B, C, the books."""
     units, cols = list_units(cfg)
+    prepare_output(cfg)
     for unit in units:
         stage_a(unit, cfg, cols)
     for part in range(HASH_PARTITIONS):
@@ -86,6 +93,7 @@ def test_coco_style_caption_lists_are_not_duplicates_but_repeats_are(tmp_path: P
     assert [pq.read_metadata(f).num_rows for f in shards] == [2, 1]
     rows = {r["key"]: r for r in read_dir(tmp_path / "out" / "data").to_pylist()}
     assert set(rows) == {"ann-00000-000000#0", "ann-00000-000000#1", "ann-00000-000002"}
+    assert {rows[k]["image_id"] for k in rows} == {"1", "a.png"}  # else the image path
     vqa = rows["ann-00000-000002"]
     assert vqa["question"] == "what colour" and vqa["answers"] == ["red", "crimson"]
     assert vqa["answer_weights"] == pytest.approx([2 / 3, 1 / 3])
@@ -126,3 +134,149 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     assert (cfg.output, cfg.download.timeout_s, cfg.image_size) == ("c", 2.0, 256)
     assert "s3cr3t" not in repr(cfg) and "s3cr3t" not in str(cfg)
     assert cfg.storage_env()["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+
+
+def jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (48, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def url_rows(n: int) -> list[dict]:
+    # Captions with commas, quotes, brackets and non-ASCII text: a byte range must not split them.
+    return [{"url": f"http://127.0.0.1:9/{i}.jpg", "caption": f'pic {i}, "quoted" [{i}] café ñ', "key": f"k{i:03d}"}
+            for i in range(n)]  # fmt: skip
+
+
+def write_url_list(path: Path, fmt: str, rows: list[dict]) -> None:
+    import csv
+
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
+    elif fmt in ("csv", "tsv"):
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, ["url", "caption", "key"], delimiter="\t" if fmt == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows, indent=2, ensure_ascii=False))
+    else:
+        path.write_text("\n".join(r["url"] for r in rows))  # txt: no trailing newline
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "tsv", "jsonl", "json", "txt"])
+def test_url_lists_split_into_descriptors_that_workers_read(tmp_path: Path, fmt: str) -> None:
+    rows = url_rows(57)
+    write_url_list(tmp_path / f"list.{fmt}", fmt, rows)
+    units = readers.url_units(str(tmp_path), 5, caption=None, key=None, url=None)
+    assert len(units) >= 8
+    # The driver holds descriptors, not rows: a unit's description does not grow with its rows.
+    assert max(len(json.dumps(dataclasses.asdict(u))) for u in units) < 600
+    got = [r for u in units for r in readers.read_url_unit(u)]
+    assert [r["url"] for r in got] == [r["url"] for r in rows]  # every row once, in order
+    if fmt != "txt":
+        assert [(r["key"], r["caption"]) for r in got] == [(r["key"], r["caption"]) for r in rows]
+
+
+def test_json_array_scan_cuts_element_boundaries_in_bounded_memory(tmp_path: Path) -> None:
+    tricky = [{"image": f"{i}.jpg", "caption": s} for i, s in enumerate(
+        ["a ] b", 'quote \\" [ {', "ünïcödé ✓", "", "x" * 3000, "tab\tnew\nline", "{[]}", "end"])]  # fmt: skip
+    tricky.append({"image": "n.jpg", "caption": "nested", "extra": {"a": [1, [2, {"b": "]"}]]}})
+    for name, text in {
+        "array.json": json.dumps(tricky, indent=1, ensure_ascii=False),
+        "lines.jsonl": "\n".join(json.dumps(e) for e in tricky),
+        "karpathy.json": json.dumps(
+            {"dataset": "x", "images": [{"filename": "a", "sentences": [], "n": i} for i in range(7)]}
+        ),  # fmt: skip
+    }.items():
+        (tmp_path / name).write_text(text)
+        units = readers.json_units(str(tmp_path / name), 2)
+        entries = [e for u in units for e in readers.read_json_unit(u)]
+        expected = json.loads(text)["images"] if name == "karpathy.json" else tricky
+        assert entries == expected, name
+        assert len(units) == -(-len(expected) // 2)
+
+
+def _tar(samples: dict[str, dict[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_damaged_input_files_become_counted_bad_shard_rejects(tmp_path: Path) -> None:
+    # webdataset: a good tar and one cut inside its 4th sample's image.
+    samples = {f"t-{i}": {"jpg": jpeg((40 * i, 90, 10)), "txt": f"sample {i}".encode()} for i in range(5)}
+    good = _tar({f"g-{i}": {"jpg": jpeg((10, 20 * i, 200)), "txt": f"good {i}".encode()} for i in range(4)})
+    (tmp_path / "wds").mkdir()
+    (tmp_path / "wds" / "good.tar").write_bytes(good)
+    full = _tar(samples)
+    with tarfile.open(fileobj=io.BytesIO(full)) as tar:
+        cut = tar.getmember("t-3.jpg").offset_data + 100
+    (tmp_path / "wds" / "cut.tar").write_bytes(full[:cut])
+    stats = ingest_in_process(IngestConfig(input=str(tmp_path / "wds"), format="webdataset",
+                                           output=str(tmp_path / "o1"), image_size=32))  # fmt: skip
+    data = read_dir(tmp_path / "o1" / "data")
+    assert sorted(data.column("key").to_pylist()) == ["g-0", "g-1", "g-2", "g-3", "t-0", "t-1", "t-2"]
+    rejects = read_dir(tmp_path / "o1" / "rejects").to_pylist()
+    assert [(r["key"], r["reason"]) for r in rejects] == [(str(tmp_path / "wds" / "cut.tar"), "bad_shard")]
+    assert "cut.tar" in rejects[0]["detail"] and "ReadError" in rejects[0]["detail"]
+    assert (stats["read"], stats["written"], stats["rejected"]) == (8, 7, 1)
+
+    # parquet: one good file, one that is not parquet, one cut in half (no footer).
+    (tmp_path / "pq").mkdir()
+    table = pa.table({"jpg": [jpeg((200, 0, 0)), jpeg((0, 200, 0))], "caption": ["red", "green"]})
+    pq.write_table(table, tmp_path / "pq" / "a.parquet")
+    (tmp_path / "pq" / "b.parquet").write_bytes(b"PAR1 not really")
+    (tmp_path / "pq" / "c.parquet").write_bytes((tmp_path / "pq" / "a.parquet").read_bytes()[:300])
+    stats = ingest_in_process(IngestConfig(input=str(tmp_path / "pq"), format="parquet",
+                                           output=str(tmp_path / "o2"), image_size=32))  # fmt: skip
+    assert (stats["read"], stats["written"], stats["rejected_by_reason"]["bad_shard"]) == (4, 2, 2)
+
+    # json: a good file, one that is no JSON at all, an array cut inside its 5th entry, and
+    # JSON Lines with one broken line (that line is a bad_record: the others are readable).
+    (tmp_path / "js").mkdir()
+    (tmp_path / "a.jpg").write_bytes(jpeg((0, 0, 200)))
+    entries = [{"image": "a.jpg", "caption": f"caption {i}"} for i in range(6)]
+    (tmp_path / "js" / "good.json").write_text(json.dumps(entries[:2]))
+    (tmp_path / "js" / "notjson.json").write_text("<html>not json</html>")
+    text = json.dumps(entries)
+    (tmp_path / "js" / "cut.json").write_text(text[: text.index("caption 4") + 3])
+    lines = [json.dumps(e) for e in entries[:3]]
+    (tmp_path / "js" / "lines.jsonl").write_text(f"{lines[0]}\n{lines[1][:-4]}\n{lines[2]}\n")
+    stats = ingest_in_process(IngestConfig(input=str(tmp_path / "js"), format="json", image_root=str(tmp_path),
+                                           output=str(tmp_path / "o3"), image_size=32, rows_per_unit=2,
+                                           dedupe=False))  # fmt: skip
+    reasons = {r["key"]: r["reason"] for r in read_dir(tmp_path / "o3" / "rejects").to_pylist()}
+    cut_at = text.index('{"image": "a.jpg", "caption": "caption 4"}')
+    assert reasons == {
+        str(tmp_path / "js" / "notjson.json"): "bad_shard",
+        f"{tmp_path / 'js' / 'cut.json'}@{cut_at}": "bad_shard",
+        "lines-00000-000001": "bad_record",
+    }
+    # Read: good 2, cut 4 readable entries + 1 for its damaged rest, notjson 1, lines 3.
+    assert (stats["read"], stats["written"], stats["rejected"]) == (11, 8, 3)
+
+
+def test_other_settings_into_the_same_output_are_refused_or_overwritten(tmp_path: Path) -> None:
+    splits = render_corpus(
+        str(tmp_path / "raw"), 6, fmt="parquet", image_size=64, split_fractions=(1.0, 0, 0)
+    )
+    cfg = IngestConfig(input=splits["train"], format="parquet", output=str(tmp_path / "out"), image_size=32)
+    ingest_in_process(cfg)
+    ingest_in_process(cfg.model_copy(update={"num_workers": 3}))  # not a setting of the rows
+    other = cfg.model_copy(update={"image_size": 48, "max_words": 5})
+    with pytest.raises(SettingsMismatch, match=r"image_size: 32 there, 48 now; max_words: 30 there, 5 now"):
+        ingest_in_process(other)
+    stats = ingest_in_process(other.model_copy(update={"overwrite": True}))
+    sizes = {
+        Image.open(io.BytesIO(b)).size
+        for b in read_dir(tmp_path / "out" / "data").column("image").to_pylist()
+    }
+    assert sizes == {(48, 48)} and stats["written"] == 6

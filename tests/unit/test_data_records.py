@@ -45,3 +45,22 @@ def test_vocabulary_matches_design() -> None:
     assert {"decode_error", "too_small", "bad_aspect", "empty_caption", "too_large", "duplicate"} <= set(
         REJECT_REASONS
     )
+
+
+def test_old_shards_read_with_the_new_columns_as_null() -> None:
+    import pyarrow as pa
+
+    from pipelines.data.records import conform_to_schema
+
+    old = pa.table({"key": ["a"], "image": [b"\xff"], "caption": ["c"], "width": pa.array([4], pa.int32())})
+    table = conform_to_schema(old)
+    assert table.schema.equals(DATA_SCHEMA)
+    row = table.to_pylist()[0]
+    assert (row["key"], row["width"], row["raw_answers"], row["images"], row["orig_width"]) == (
+        "a",
+        4,
+        None,
+        None,
+        None,
+    )
+    assert "bad_shard" in REJECT_REASONS

@@ -32,3 +32,12 @@ def test_s3_roundtrip_uses_environment_endpoint(s3_bucket):
     assert storage.list_files(s3_bucket.uri()) == [uri]
     fs, path = storage.fsspec_fs(uri)
     assert fs.cat(path) == b"via env"
+
+
+def test_gcs_emulator_endpoint_from_the_standard_variable(monkeypatch):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    assert storage.gcs_emulator() is None
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:9023")
+    assert storage.gcs_emulator() == ("127.0.0.1:9023", "http")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "localhost:4443")  # Google's clients accept no scheme
+    assert storage.gcs_emulator() == ("localhost:4443", "http")
