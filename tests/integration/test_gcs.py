@@ -50,7 +50,9 @@ def test_ingest_then_checkpointed_training_on_gcs(ray_session, gcs_bucket) -> No
     run_uri = gcs_bucket.uri("runs", "gcs-run")
     # Listed recursively: the emulator lists no implicit folders in a non-recursive listing.
     files = [f[len(run_uri) + 1 :] for f in storage.list_files(run_uri)]
-    assert {f.split("/")[0] for f in files if f.startswith("checkpoint_")} == {"checkpoint_00000002"}
+    assert {f.split("/")[0] for f in files if f.startswith("checkpoint_") and "/" in f} == {
+        "checkpoint_00000002"
+    }
     assert (
         "checkpoint_00000002/train_state.json" in files and "checkpoint_00000002/model.safetensors" in files
     )

@@ -147,8 +147,18 @@ def test_every_task_annotation_format_s3_to_s3(ray_session, s3_bucket):
     assert all(r["images"] is None for k, r in rows.items() if k != "dev-1")
 
 
+@pytest.fixture
+def keep_root_logging():
+    """The CLI's logging.basicConfig binds a handler to pytest's captured stderr: remove it after."""
+    import logging
+
+    saved = logging.root.handlers[:]
+    yield
+    logging.root.handlers[:] = saved
+
+
 def test_cli_exit_status_says_an_input_was_unreadable_and_refuses_other_settings(
-    ray_session, s3_bucket, capsys
+    ray_session, s3_bucket, capsys, keep_root_logging
 ):
     from jobs.cli import main
 
