@@ -15,7 +15,12 @@ if TYPE_CHECKING:
     from mplug.config import MPlugConfig, MPlugVisionConfig
     from mplug.fusion import FusionEncoder
     from mplug.modeling import MPlugForPretraining, MPlugPreTrainedModel, MPlugPretrainingOutput
-    from mplug.official import init_text_from_bert, load_official_checkpoint
+    from mplug.official import (
+        LoadReport,
+        init_text_from_bert,
+        init_vision_from_clip,
+        load_official_checkpoint,
+    )
 
 _EXPORTS = {
     "FusionEncoder": "mplug.fusion",
@@ -24,7 +29,9 @@ _EXPORTS = {
     "MPlugPreTrainedModel": "mplug.modeling",
     "MPlugPretrainingOutput": "mplug.modeling",
     "MPlugVisionConfig": "mplug.config",
+    "LoadReport": "mplug.official",
     "init_text_from_bert": "mplug.official",
+    "init_vision_from_clip": "mplug.official",
     "load_official_checkpoint": "mplug.official",
 }
 
@@ -35,7 +42,9 @@ __all__ = [
     "MPlugPreTrainedModel",
     "MPlugPretrainingOutput",
     "MPlugVisionConfig",
+    "LoadReport",
     "init_text_from_bert",
+    "init_vision_from_clip",
     "load_official_checkpoint",
 ]
 
