@@ -11,7 +11,17 @@ from pathlib import Path
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # Subcommand modules, in the order `mplug --help` lists them. Later work adds entries here.
-COMMAND_MODULES = ("jobs.env_cmd", "jobs.synth_cmd", "jobs.ingest_cmd", "jobs.train_cmd", "jobs.demo")
+COMMAND_MODULES = (
+    "jobs.env_cmd",
+    "jobs.synth_cmd",
+    "jobs.ingest_cmd",
+    "jobs.train_cmd",
+    "jobs.eval_cmd",
+    "jobs.tune_cmd",
+    "jobs.submit_cmd",
+    "jobs.jobs_cmd",
+    "jobs.demo",
+)
 
 
 def resolve_config(name_or_path: str | None) -> str | None:
@@ -51,8 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the CLI's edge: everything below raises, this line reports
         if args.debug:
             raise
-        first = str(err).strip().splitlines()
-        message = "\n".join(first) if isinstance(err, ConfigError) else (first[0] if first else "")
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        if lines and lines[0].startswith(
+            "Traceback"
+        ):  # a remote error carries its traceback: its last line says what
+            lines = lines[-1:]
+        message = "\n".join(lines) if isinstance(err, ConfigError) else (lines[0] if lines else "")
         kind = "" if isinstance(err, ConfigError | FileNotFoundError) else f"{type(err).__name__}: "
         print(f"mplug {args.command}: {kind}{message} (--debug shows the traceback)", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1

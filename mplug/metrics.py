@@ -174,7 +174,7 @@ def vqa_accuracy(
     answers: Mapping[Hashable, Sequence[str]],
     answer_types: Mapping[Hashable, str] | None = None,
     question_types: Mapping[Hashable, str] | None = None,
-    single_answer_exact: bool = True,
+    single_answer_exact: bool = False,
 ) -> dict[str, Any]:
     """VQA accuracy as the official evaluator computes it.
 
@@ -183,8 +183,9 @@ def vqa_accuracy(
     answer_types / question_types: optional question id -> type ("yes/no", "number", "other" /
     "what color is", ...) for the per-type means.
     single_answer_exact: the official rule cannot credit a question with ONE human answer (no
-        other humans to agree: always 0). True (default) scores such questions 100 on an exact
-        match instead; False scores them 0 as the official code would. Counted either way.
+        other humans to agree: always 0), and False (default) scores it so. True scores such
+        questions 100 on an exact match instead (single-answer sources such as Visual Genome).
+        Counted either way in `num_single_answer`.
 
     Returns (percent, unrounded; the official code rounds to 2 decimals):
       overall: mean accuracy over the questions;

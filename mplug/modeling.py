@@ -109,7 +109,10 @@ class MPlugPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CLIPVisionTransformer):
             init.normal_(module.pos_embed, std=std)
             init.normal_(module.cls_token, std=std)
-        elif isinstance(module, MPlugContrastiveModel):
+        if isinstance(module, MPlugForPretraining):
+            # A derived, non-persistent buffer: `from_pretrained` leaves it unset otherwise.
+            module.word_start.fill_(True)
+        if isinstance(module, MPlugContrastiveModel):
             if module.temp is not None:
                 init.constant_(module.temp, self.config.temperature)
             if module.image_queue is not None:

@@ -405,8 +405,8 @@ class GroundingTransform:
     in the expression. Output: `image`, `text_ids`/`text_mask`, `boxes` float32 (B, 4): the
     normalised (cx, cy, w, h) in the square; evaluation adds `key`, `gt_box` (x, y, w, h in the
     original image's pixels) and `frame` float32 (B, 3) = (offset x, offset y, scale) mapping
-    stored-image pixels into the square (square = stored · scale + offset), plus `to_original`
-    (B,) = original / stored pixel ratio.
+    stored-image pixels into the square (square = stored · scale + offset), `to_original` (B,)
+    = original / stored pixel ratio and `orig_size` (B, 2) the original (width, height).
     """
 
     def __init__(
@@ -450,7 +450,7 @@ class GroundingTransform:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
-        images, texts, boxes, gt, frames, ratios = [], [], [], [], [], []
+        images, texts, boxes, gt, frames, ratios, sizes = [], [], [], [], [], [], []
         widths, orig_widths = _column(batch, "width", n), _column(batch, "orig_width", n)
         for i, (data, text, bbox) in enumerate(
             zip(batch["image"], _column(batch, "caption", n), batch["bbox"])
@@ -476,6 +476,7 @@ class GroundingTransform:
             gt.append([v * ratio for v in stored[0]])
             frames.append([ox, oy, scale])
             ratios.append(ratio)
+            sizes.append([stored[1][0] * ratio, stored[1][1] * ratio])
         ids, mask = self.tokenize(texts)
         out = {
             "image": torch.stack(images).numpy(),
@@ -488,6 +489,7 @@ class GroundingTransform:
             out["gt_box"] = np.asarray(gt, dtype=np.float32)
             out["frame"] = np.asarray(frames, dtype=np.float32)
             out["to_original"] = np.asarray(ratios, dtype=np.float32)
+            out["orig_size"] = np.asarray(sizes, dtype=np.float32)
         return out
 
 

@@ -14,6 +14,12 @@ if TYPE_CHECKING:
 # name -> "module:Class"; a finetuning issue adds its line here and nothing else in the loop.
 TASKS: dict[str, str] = {
     "pretrain": "pipelines.tasks.pretrain:PretrainTask",
+    "vqa": "pipelines.tasks.vqa:VQATask",
+    "caption": "pipelines.tasks.caption:CaptionTask",
+    "retrieval": "pipelines.tasks.retrieval:RetrievalTask",
+    "grounding": "pipelines.tasks.grounding:GroundingTask",
+    "nlvr2": "pipelines.tasks.classification:NLVR2Task",
+    "snli_ve": "pipelines.tasks.classification:SnliVeTask",
 }
 
 

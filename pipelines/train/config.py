@@ -105,6 +105,9 @@ class RunSection(_Strict):
     max_failures: int = Field(2, ge=-1)
     log_every: int = Field(10, gt=0)
     eval_every_epochs: int = Field(1, gt=0, description="with data.eval_uris; the last step always evaluates")
+    # Also evaluate before the first step (and after a resume), so every report carries the
+    # latest value of the metric: what Tune's schedulers and searchers read (`mplug tune` sets it).
+    eval_at_start: bool = False
     seed: int = 0
 
     @field_validator("name")

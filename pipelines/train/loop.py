@@ -136,6 +136,12 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if plan.eval_rows else None
     meter, window, window_steps = StepMeter(), {}, 0
+    latest_eval: dict[str, float] = {}  # carried in every later report (not in the history)
+    if eval_shard is not None and job.run.eval_at_start:
+        row = {"step": float(state.step), "epoch": float(state.epoch)}
+        latest_eval = _evaluate(model, task, eval_shard, job, device, rank)
+        state.history.append({**row, **latest_eval})
+        _report(model, optimizer, scheduler, state, rank, {**row, **latest_eval}, plan, checkpoint=False)
     model.train()
 
     while state.step < plan.total_steps:
@@ -169,7 +175,9 @@ def train_loop_per_worker(plan_dict: dict) -> None:
 
             final = state.step >= plan.total_steps
             if state.step % job.run.log_every == 0 or final or state.step % job.run.checkpoint_every == 0:
-                row = {"step": float(state.step), "epoch": float(state.epoch)}
+                # Epochs of data seen (fractional), the time Tune's ASHA schedules by.
+                done = min(1.0, (state.step - step_at_epoch_start) / plan.steps_per_epoch)
+                row = {"step": float(state.step), "epoch": state.epoch + done}
                 row.update({k: float(v.item()) / window_steps for k, v in window.items()})  # the host sync
                 row["lr"] = scheduler.get_last_lr()[-1]
                 row.update(meter.window())
@@ -179,11 +187,14 @@ def train_loop_per_worker(plan_dict: dict) -> None:
                     row["mfu"] = plan.flops_per_sample * row["samples_per_s"] / (peak * world)
                 window, window_steps = {}, 0
                 if final and eval_shard is not None:
-                    row.update(_evaluate(model, task, eval_shard, job, device, rank))
+                    latest_eval = _evaluate(model, task, eval_shard, job, device, rank)
+                    row.update(latest_eval)
                 state.history.append(row)
                 if rank == 0:
                     log.info("[mplug] " + format_step_line(row, plan.total_steps))
-                _report(model, optimizer, scheduler, state, rank, row, plan, checkpoint=True)
+                _report(
+                    model, optimizer, scheduler, state, rank, {**latest_eval, **row}, plan, checkpoint=True
+                )
             if final:
                 break
         if state.step == step_at_epoch_start and state.step < plan.total_steps:

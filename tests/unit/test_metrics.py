@@ -101,10 +101,10 @@ def test_overall_per_question_and_per_type():
 
 
 def test_single_human_answer():
-    exact = vqa_accuracy({1: "red", 2: "blue"}, {1: ["red"], 2: ["red"]})
+    exact = vqa_accuracy({1: "red", 2: "blue"}, {1: ["red"], 2: ["red"]}, single_answer_exact=True)
     assert exact["per_question"] == {1: 100.0, 2: 0.0} and exact["num_single_answer"] == 2
-    official = vqa_accuracy({1: "red"}, {1: ["red"]}, single_answer_exact=False)
-    assert official["overall"] == 0.0  # no other human can agree
+    official = vqa_accuracy({1: "red"}, {1: ["red"]})
+    assert official["overall"] == 0.0 and official["num_single_answer"] == 1  # no other human can agree
 
 
 def test_vqa_inputs_that_are_errors():

@@ -1,0 +1,206 @@
+"""`mplug evaluate`: a trained model of any task on held-out processed shards, distributed over
+Ray Data (the model held in actors, one GPU each when the cluster has GPUs).
+
+Writes OUTPUT/metrics.json (the task's metrics and its baseline), OUTPUT/predictions.parquet and,
+for VQA and captioning, the official submission JSON (`[{question_id, answer}]`,
+`[{image_id, caption}]`) as OUTPUT/submission.json.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import storage
+
+
+def model_config_of(model_uri: str):
+    """The MPlugConfig saved with a model folder (`save_pretrained`'s config.json)."""
+    from mplug import MPlugConfig
+
+    uri = storage.join(model_uri, "config.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"--model {model_uri!r}: no config.json (pass a run's final/ folder)")
+    return MPlugConfig.from_dict(json.loads(storage.read_text(uri)))
+
+
+def build_eval_task(task_name: str, model_uri: str, overrides: dict[str, Any] | None = None):
+    """The task (its options from `overrides`, dotted keys such as `vqa.num_beams`) around the
+    model's own config."""
+    from pipelines.tasks import task_class
+    from pipelines.train.config import load_config
+
+    job = load_config(None, {"task": task_name, "run.max_steps": 1, **(overrides or {})})
+    return task_class(task_name)(job, model_config_of(model_uri))
+
+
+def load_model(task, model_uri: str, device: torch.device):
+    local = storage.download_dir(model_uri, tempfile.mkdtemp(prefix="mplug-model-"))
+    return task.model_class().from_pretrained(local).to(device).eval()
+
+
+def columns_of(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Per-row dicts -> a numpy batch (object columns where values are not plain numbers)."""
+    from pipelines.data.transforms import objects
+
+    return {name: objects([r[name] for r in rows]) for name in rows[0]} if rows else {}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TaskPredictor:
+    """Ray Data actor: the task's model loaded once; each batch -> the task's predictions."""
+
+    def __init__(self, task_name: str, model_uri: str, overrides: dict[str, Any]) -> None:
+        self.device = _device()
+        self.task = build_eval_task(task_name, model_uri, overrides)
+        self.model = load_model(self.task, model_uri, self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.data.stream import collate_rows
+        from pipelines.train.loop import to_device
+
+        rows = self.task.predict(self.model, to_device(collate_rows(batch), self.device))
+        for row in rows:  # retrieval keeps images for in-memory re-ranking; here phase 2 reloads them
+            row.pop("image", None)
+        return columns_of(rows)
+
+
+@dataclass
+class EvalResources:
+    actors: int
+    gpus_per_actor: float
+
+
+def eval_resources(num_actors: int | None, use_gpu: bool | None) -> EvalResources:
+    """One actor per GPU when the cluster has GPUs (unless told otherwise), else two CPU actors."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpu = bool(gpus) if use_gpu is None else use_gpu
+    if gpu and not gpus:
+        raise ValueError("--use-gpu, but the cluster has no GPU")
+    actors = num_actors or (int(gpus) if gpu else 2)
+    return EvalResources(max(1, actors), 1.0 if gpu else 0.0)
+
+
+def predict_dataset(task, task_name: str, model_uri: str, data_uris: list[str], overrides: dict, setup,
+                    batch_size: int, resources: EvalResources):  # fmt: skip
+    """The Ray Dataset of the task's predictions on `data_uris`."""
+    import ray
+
+    from pipelines.data.stream import image_row_bytes, task_dataset
+
+    cfg = task.model_config
+    ds = task_dataset(
+        data_uris, task.transform(train=False), columns=task.columns, train=False, batch_size=batch_size,
+        row_bytes=image_row_bytes(cfg.image_size, cfg.max_text_len, getattr(task, "images_per_row", 1)),
+        keep_keys=setup.keys,
+    )  # fmt: skip
+    return ds.map_batches(
+        TaskPredictor,
+        fn_constructor_kwargs={"task_name": task_name, "model_uri": model_uri, "overrides": overrides},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=resources.actors),
+        num_gpus=resources.gpus_per_actor,
+        num_cpus=1,
+    )
+
+
+def evaluate_task(
+    task_name: str,
+    model_uri: str,
+    data_uris: list[str],
+    output_uri: str,
+    *,
+    overrides: dict[str, Any] | None = None,
+    batch_size: int = 32,
+    num_actors: int | None = None,
+    use_gpu: bool | None = None,
+) -> dict[str, Any]:
+    """Predict, score, write the outputs; returns what metrics.json holds."""
+    from pipelines.cluster import init_ray
+
+    started = time.perf_counter()
+    overrides = dict(overrides or {})
+    task = build_eval_task(task_name, model_uri, overrides)
+    init_ray()
+    resources = eval_resources(num_actors, use_gpu)
+    setup = task.eval_setup(data_uris)
+    predictions = predict_dataset(
+        task, task_name, model_uri, data_uris, overrides, setup, batch_size, resources
+    )
+    if task_name == "retrieval":
+        from pipelines.eval.retrieval import distributed_reranked_recall
+
+        rows = predictions.take_all()
+        metrics = distributed_reranked_recall(task, model_uri, data_uris, rows, resources, batch_size)
+    else:
+        rows = predictions.take_all()
+        metrics = task.score(rows, None, setup, **({"meteor": True} if task_name == "caption" else {}))
+    if not rows:
+        raise ValueError(f"no rows to evaluate in {data_uris}")
+    baseline = task.baseline(rows, setup)
+    result = {
+        "task": task_name,
+        "model": model_uri,
+        "data": data_uris,
+        "primary_metric": task.primary_metric,
+        "metrics": metrics,
+        "baseline": baseline,
+        "rows": len(rows),
+        "elapsed_s": round(time.perf_counter() - started, 1),
+    }
+    _write_outputs(output_uri, task_name, rows, result)
+    return result
+
+
+def _write_outputs(output_uri: str, task_name: str, rows: list[dict], result: dict) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    storage.write_text(storage.join(output_uri, "metrics.json"), json.dumps(result, indent=1, default=str))
+    plain = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()} for r in rows]
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(plain), sink)
+    storage.write_bytes(storage.join(output_uri, "predictions.parquet"), sink.getvalue().to_pybytes())
+    submission = None
+    if task_name == "vqa":
+        submission = [{"question_id": _official_id(r["question_id"]), "answer": r["answer"]} for r in rows]
+    elif task_name == "caption":
+        submission = [{"image_id": _official_id(r["image_id"]), "caption": r["caption"]} for r in rows]
+    if submission is not None:
+        storage.write_text(storage.join(output_uri, "submission.json"), json.dumps(submission))
+
+
+def _official_id(value: str) -> int | str:
+    """The official evaluation servers expect integer ids (VQA question_id, COCO image_id)."""
+    return int(value) if str(value).isdigit() else value
+
+
+def format_result(result: dict) -> str:
+    """The one-screen summary: each metric beside its baseline where there is one."""
+    primary, metrics, base = result["primary_metric"], result["metrics"], result["baseline"]
+    lines = [
+        f"== evaluate {result['task']}: {result['rows']} rows of {', '.join(result['data'])} "
+        f"({result['elapsed_s']:.0f}s)",
+        f"  model   {result['model']}",
+    ]
+    for name, value in metrics.items():
+        if name.startswith(("chance_", "num_")) or not isinstance(value, int | float):
+            continue
+        beside = base.get(name, metrics.get(f"chance_{name}"))
+        mark = " ←" if name == primary else ""
+        extra = f"   (baseline {beside:.2f})" if isinstance(beside, int | float) else ""
+        lines.append(f"  {name:<16} {value:8.2f}{extra}{mark}")
+    return "\n".join(lines)

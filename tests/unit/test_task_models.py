@@ -1,0 +1,135 @@
+"""The finetuning models: each loss is what its task says, each head decodes what it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mplug import MPlugConfig
+from mplug.caption import MPlugForCaptioning
+from mplug.classification import MPlugForImageTextClassification
+from mplug.grounding import FIRST_BIN_TOKEN_ID, MPlugForGrounding
+from mplug.retrieval import MPlugForRetrieval
+from mplug.vqa import MPlugForQuestionAnswering, sequence_nll
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cfg(**overrides) -> MPlugConfig:
+    return MPlugConfig.preset("tiny", queue_size=16, text_config={"vocab_size": 1024}, **overrides)
+
+
+def _captions(model, n: int, length: int, seed: int = 0):
+    from mplug.modeling import random_captions
+
+    return random_captions(model.config, n, length, torch.Generator().manual_seed(seed))
+
+
+def test_vqa_loss_weights_answers_and_ignores_empty_slots() -> None:
+    torch.manual_seed(0)
+    model = MPlugForQuestionAnswering(_cfg()).eval()
+    x = model.example_inputs(2)
+    a_ids, a_mask = _captions(model, 6, 6, seed=1)
+    a_ids, a_mask = a_ids.view(2, 3, 6), a_mask.view(2, 3, 6)
+    weights = torch.tensor([[0.6, 0.4, 0.0], [1.0, 0.0, 0.0]])
+    out = model(x["images"], x["input_ids"], x["attention_mask"], a_ids, a_mask, weights)
+    assert out.answer_nll.shape == (3,)  # only the three weighted answers are decoded
+    # By hand: the weighted sum of each answer's summed token NLL, over the 2 questions.
+    memory, mask = model.question_memory(x["images"], x["input_ids"], x["attention_mask"])
+    nll = sequence_nll(model.text_decoder, a_ids[[0, 0, 1], [0, 1, 0]], a_mask[[0, 0, 1], [0, 1, 0]],
+                       memory[[0, 0, 1]], mask[[0, 0, 1]])  # fmt: skip
+    torch.testing.assert_close(out.loss, (0.6 * nll[0] + 0.4 * nll[1] + 1.0 * nll[2]) / 2)
+    generated = model.generate(x["images"], x["input_ids"], x["attention_mask"], num_beams=2, max_length=5)
+    assert generated.shape[0] == 2 and generated.shape[1] <= 5
+
+
+def test_vqa_answer_ranking_prefers_the_likeliest_answer() -> None:
+    torch.manual_seed(0)
+    model = MPlugForQuestionAnswering(_cfg()).eval()
+    x = model.example_inputs(1)
+    candidates, mask = _captions(model, 6, 5, seed=2)
+    top, probs = model.rank_answers(x["images"], x["input_ids"], x["attention_mask"], candidates, mask, k=6)
+    assert sorted(top[0].tolist()) == list(range(6)) and torch.all(probs[0, :-1] >= probs[0, 1:])
+    memory, mmask = model.question_memory(x["images"], x["input_ids"], x["attention_mask"])
+    nll = sequence_nll(model.text_decoder, candidates, mask, memory.expand(6, -1, -1), mmask.expand(6, -1))
+    # The official score adds the first token's log-prob again; the best answer under it:
+    start = torch.full((1, 1), model.config.cls_token_id)
+    first = model.text_decoder.logits(model.text_decoder(start, torch.ones_like(start), memory, mmask)[0][:, 0])
+    score = first.log_softmax(-1)[0, candidates[:, 1]] - nll
+    assert int(top[0, 0]) == int(score.argmax())
+
+
+def test_caption_scst_pushes_up_captions_above_the_mean_reward() -> None:
+    torch.manual_seed(0)
+    model = MPlugForCaptioning(_cfg())
+    images = model.example_inputs(1)["images"]
+    seqs, mask = _captions(model, 2, 6, seed=3)
+    rewards = torch.tensor([[1.0, 0.0]])  # caption 0 beats the image's mean reward, caption 1 falls below
+    loss = model(images, seqs, mask, rewards=rewards).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1.0 * p.grad  # one SGD step on the SCST loss
+    from mplug.caption import token_log_probs
+
+    memory, mmask = model.visual_memory(images)
+    after = token_log_probs(model.text_decoder, seqs, mask, memory.expand(2, -1, -1), mmask.expand(2, -1)).sum(1)
+    model.zero_grad()
+    torch.manual_seed(0)
+    fresh = MPlugForCaptioning(_cfg())
+    memory, mmask = fresh.visual_memory(images)
+    before = token_log_probs(fresh.text_decoder, seqs, mask, memory.expand(2, -1, -1), mmask.expand(2, -1)).sum(1)
+    assert after[0] > before[0] and after[1] < before[1]
+    assert float(model(images, seqs, mask, rewards=torch.tensor([[0.5, 0.5]])).loss) == 0.0  # no advantage
+
+
+def test_grounding_boxes_are_bin_tokens_and_decoding_stays_in_the_bins() -> None:
+    torch.manual_seed(0)
+    model = MPlugForGrounding(_cfg()).eval()
+    assert model.num_bins == 65  # image_size + 1, as the official 337 at 336 px
+    boxes = torch.tensor([[0.0, 0.5, 1.0, 0.25]])
+    tokens = model.boxes_to_tokens(boxes)
+    assert tokens.tolist() == [[FIRST_BIN_TOKEN_ID, FIRST_BIN_TOKEN_ID + 32, FIRST_BIN_TOKEN_ID + 64, FIRST_BIN_TOKEN_ID + 16]]
+    torch.testing.assert_close(model.tokens_to_boxes(tokens), boxes)
+    x = model.example_inputs(3)
+    pred = model.predict_boxes(x["images"], x["input_ids"], x["attention_mask"])
+    assert pred.shape == (3, 4) and float(pred.min()) >= 0 and float(pred.max()) <= 1
+    out = model(x["images"], x["input_ids"], x["attention_mask"], torch.rand(3, 4) * 0.5 + 0.25)
+    assert out.loss.isfinite() and out.loss > 0
+    with pytest.raises(ValueError, match="box bins"):
+        MPlugForGrounding(_cfg(box_bins=1000))
+
+
+def test_pair_classifier_reads_both_images_in_order() -> None:
+    torch.manual_seed(0)
+    model = MPlugForImageTextClassification(_cfg(num_images=2, id2label={0: "false", 1: "true"})).eval()
+    x = model.example_inputs(2)
+    pair = torch.stack([x["images"], x["images"].flip(0)], dim=1)  # (2, 2, 3, H, W)
+    logits = model(pair, x["input_ids"], x["attention_mask"]).logits
+    swapped = model(pair.flip(1), x["input_ids"], x["attention_mask"]).logits
+    assert logits.shape == (2, 2) and not torch.allclose(logits, swapped)  # order matters
+    with pytest.raises(ValueError, match="2 image"):
+        model(x["images"], x["input_ids"], x["attention_mask"])
+    out = model(pair, x["input_ids"], x["attention_mask"], labels=torch.tensor([0, 1]))
+    assert out.loss.isfinite()
+
+
+def test_retrieval_treats_captions_of_one_image_as_positives() -> None:
+    torch.manual_seed(0)
+    model = MPlugForRetrieval(_cfg())
+    x = model.example_inputs(4)
+    same = model(**x, image_ids=torch.tensor([0, 0, 1, 1]))
+    distinct = model(**x, image_ids=torch.tensor([0, 1, 2, 3]))
+    assert same.loss_itc != distinct.loss_itc  # other targets
+    assert same.keys.image_ids.tolist() == [0, 0, 1, 1]
+    model.momentum_update(same)
+    assert model.idx_queue[:4].tolist() == [0, 0, 1, 1] and int(model.queue_ptr) == 4
