@@ -35,11 +35,13 @@ def init_ray(address: str | None = None, *, quiet: bool = False, num_cpus: int |
     if ray.is_initialized():
         return _info(ray, local=False)
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": not quiet}
+    # The dashboard serves the State API, which Ray Train's placement-group cleaner polls: without
+    # it, workers of stopped trials keep their placement groups and it logs a warning a second.
+    kwargs: dict = {"log_to_driver": not quiet}
     if quiet:
         kwargs["logging_level"] = logging.WARNING
     if address in (None, "local"):
-        ray.init(num_cpus=num_cpus or local_logical_cpus(), **kwargs)
+        ray.init(num_cpus=num_cpus or local_logical_cpus(), include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
         return _info(ray, local=True)
     ray.init(address=address, **kwargs)
     return _info(ray, local=False)
