@@ -1,21 +1,41 @@
-"""`mplug synth`: render the synthetic shapes-world corpus in any ingest input format."""
+"""`mplug synth`: render the synthetic shapes-world corpus in any ingest input format, or the
+finetuning tasks' annotation files (`--tasks`)."""
 
 from __future__ import annotations
 
 import argparse
+
+TASK_NAMES = ("vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve")  # = synth_tasks.TASKS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
         help="render the synthetic shapes-world corpus (train/val/test) in any ingest input format",
-        description="Scenes of 1-3 coloured shapes with rich captions, question/answer pairs and boxes, "
-        "deterministic by seed, written as img2dataset parquet or webdataset shards, ALBEF JSON "
-        "annotations (+ vqa_/grounding_ files) or URL lists.",
+        description="Scenes of coloured shapes, deterministic by seed. Without --tasks: a caption corpus "
+        "(1-3 shapes, rich captions) written as img2dataset parquet or webdataset shards, ALBEF JSON "
+        "annotations or URL lists. With --tasks (needs --format json): JPEG images plus the official "
+        "annotation files of each finetuning task: vqa_{split}.json, dataset_coco.json + caption_{split}.json, "
+        "retrieval_{split}.json, grounding_{split}.json, nlvr2_{split}.json, snli_ve_{split}.json, and "
+        "scenes_{split}.json (each image's objects); OUTPUT is their image root.",
     )
     p.add_argument("--output", required=True, help="output URI (s3://, gs://, file:// or a path)")
-    p.add_argument("--num", type=int, required=True, help="number of scenes over all splits")
+    p.add_argument(
+        "--num",
+        type=int,
+        required=True,
+        help="number of scenes over all splits (per task image pool with --tasks)",
+    )
     p.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "json", "urls"])
+    p.add_argument(
+        "--tasks",
+        help=f"comma-separated finetuning tasks to write annotations for (with --format json): {','.join(TASK_NAMES)}",
+    )
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="with --tasks: also print each task's model-free baselines on the test split (the figures to beat)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=96, help="square image side in pixels")
     p.add_argument(
@@ -28,15 +48,55 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from pipelines.data.synth import render_corpus
+def _tasks(value: str, fmt: str, corrupt_per_kind: int) -> tuple[str, ...]:
+    tasks = tuple(t.strip() for t in value.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASK_NAMES]
+    if unknown or not tasks:
+        raise SystemExit(f"--tasks {value!r}: unknown {unknown}; valid tasks: {','.join(TASK_NAMES)}")
+    if fmt != "json":
+        raise SystemExit(
+            f"--tasks writes the tasks' official JSON annotation files: use --format json, not {fmt}"
+        )
+    if corrupt_per_kind:
+        raise SystemExit("--corrupt-per-kind applies to the caption corpus, not to --tasks")
+    return tasks
 
+
+def _refuse_baselines_without_tasks(args: argparse.Namespace) -> None:
+    if args.baselines and args.tasks is None:
+        raise SystemExit("--baselines reports the finetuning tasks' baselines: add --tasks")
+
+
+def run(args: argparse.Namespace) -> int:
+    _refuse_baselines_without_tasks(args)
     try:
         fractions = tuple(float(x) for x in args.split_fractions.split(","))
     except ValueError:
         raise SystemExit(
             f"--split-fractions {args.split_fractions!r}: expected three numbers like 0.8,0.1,0.1"
         ) from None
+    if args.tasks is not None:
+        from pipelines.data.synth_tasks import render_task_annotations
+
+        tasks = _tasks(args.tasks, args.format, args.corrupt_per_kind)
+        files = render_task_annotations(
+            args.output, args.num, seed=args.seed, image_size=args.image_size, tasks=tasks,
+            split_fractions=fractions,  # type: ignore[arg-type]
+        )  # fmt: skip
+        for task, splits in files.items():
+            uris = sorted(set(splits.values()))
+            print(f"{task}: {uris[0] if len(uris) == 1 else ' '.join(uris)}")
+        print(f"image root: {args.output}")
+        if args.baselines:
+            from pipelines.data.synth_tasks import task_baselines
+
+            print("test-split baselines (percent; CIDEr-D on its 0-10 scale):")
+            for task, figures in task_baselines(args.output, tasks).items():
+                print(f"  {task}: " + ", ".join(f"{name} {value:.2f}" for name, value in figures.items()))
+        return 0
+
+    from pipelines.data.synth import render_corpus
+
     splits = render_corpus(
         args.output,
         args.num,
@@ -50,5 +110,5 @@ def run(args: argparse.Namespace) -> int:
     for split, uri in splits.items():
         print(f"{split}: {uri}")
     if args.format == "json":
-        print(f"image root: {args.output}  (vqa_{{split}}.json and grounding_{{split}}.json beside)")
+        print(f"image root: {args.output}  (task annotations: mplug synth --tasks ...)")
     return 0

@@ -7,6 +7,10 @@ box per object. Every image is rendered from its own seed (base seed, split, ind
 is identical whatever `num` says about the others. Corpora are written in any ingest input format,
 the way each producer writes it; `corrupt_per_kind` adds a known number of bad records of each
 kind to the train split and lists them in `{output}/train_corrupt.json` (key → expected reason).
+
+The finetuning tasks' images and official annotation files (VQA, Karpathy captions, retrieval,
+grounding, NLVR2, SNLI-VE) are rendered by `pipelines.data.synth_tasks`, from these drawing
+primitives; `pipelines.data.synth_language` says what their sentences mean.
 """
 
 from __future__ import annotations
@@ -111,7 +115,8 @@ class Scene:
         }
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    """One filled shape inscribed in the box (x, y, w, h)."""
     x, y, w, h = box
     cx, cy = x + w / 2, y + h / 2
     if shape == "circle":
@@ -128,12 +133,21 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, 
         draw.polygon([(cx + r * np.cos(a), cy - r * np.sin(a)) for a, r in zip(angles, radii)], fill=fill)
 
 
+def noisy_background(rng: np.random.Generator, image_size: int, tint: int | None = None) -> np.ndarray:
+    """(S, S, 3) uint8: a random mid-tone colour plus pixel noise. Channels are drawn apart in
+    90-169, or, with `tint`, as one grey level in 95-164 shifted by at most ±tint per channel:
+    a near-grey that no shape colour resembles."""
+    if tint is None:
+        background = rng.integers(90, 170, size=3)
+    else:
+        background = rng.integers(95, 165) + rng.integers(-tint, tint + 1, size=3)
+    noise = rng.normal(0, 10, size=(image_size, image_size, 3))
+    return np.clip(background[None, None, :] + noise, 0, 255).astype(np.uint8)
+
+
 def render_scene(key: str, rng: np.random.Generator, image_size: int) -> Scene:
     """One scene from `rng`: background colour + noise, then 1–3 shapes in distinct cells."""
-    background = rng.integers(90, 170, size=3)
-    noise = rng.normal(0, 10, size=(image_size, image_size, 3))
-    pixels = np.clip(background[None, None, :] + noise, 0, 255).astype(np.uint8)
-    im = Image.fromarray(pixels, "RGB")
+    im = Image.fromarray(noisy_background(rng, image_size), "RGB")
     draw = ImageDraw.Draw(im)
     count = int(rng.integers(1, 4))
     cells = rng.choice(9, size=count, replace=False)
@@ -149,16 +163,15 @@ def render_scene(key: str, rng: np.random.Generator, image_size: int) -> Scene:
         x = (cell % 3) * cell_side + rng.uniform(0, slack)
         y = (cell // 3) * cell_side + rng.uniform(0, slack)
         bbox = (round(float(x), 1), round(float(y), 1), round(extent, 1), round(extent, 1))
-        _draw_shape(draw, shape, bbox, COLOURS[colour])
+        draw_shape(draw, shape, bbox, COLOURS[colour])
         objects.append(ShapeObject(colour, shape, size, int(cell), bbox))
     buf = io.BytesIO()
     im.save(buf, format="JPEG", quality=90)
     return Scene(key=key, image=buf.getvalue(), objects=tuple(objects))
 
 
-def split_scenes(
-    num: int, seed: int, image_size: int, split_fractions: tuple[float, ...]
-) -> dict[str, list[Scene]]:
+def split_counts(num: int, split_fractions: tuple[float, ...]) -> dict[str, int]:
+    """How many of `num` items each split gets (train and val rounded, test the rest)."""
     if (
         len(split_fractions) != 3
         or any(f < 0 for f in split_fractions)
@@ -169,7 +182,13 @@ def split_scenes(
         )
     n_train = int(round(num * split_fractions[0]))
     n_val = int(round(num * split_fractions[1]))
-    counts = {"train": n_train, "val": n_val, "test": max(0, num - n_train - n_val)}
+    return {"train": n_train, "val": n_val, "test": max(0, num - n_train - n_val)}
+
+
+def split_scenes(
+    num: int, seed: int, image_size: int, split_fractions: tuple[float, ...]
+) -> dict[str, list[Scene]]:
+    counts = split_counts(num, split_fractions)
     return {
         split: [
             render_scene(f"{split}-{i:06d}", np.random.default_rng([seed, s, i]), image_size)
@@ -351,31 +370,16 @@ def _write_images(out: str, split: str, records: list[dict]) -> dict[str, str]:
     return rel
 
 
-def _write_split_json(out: str, split: str, records: list[dict], scenes: dict[str, Scene]) -> str:
-    """ALBEF/mPLUG annotation lists; image paths are relative to the image root `out`. Beside the
-    caption file, `vqa_{split}.json` and `grounding_{split}.json` carry the task annotations."""
+def _write_split_json(out: str, split: str, records: list[dict]) -> str:
+    """ALBEF/mPLUG caption annotation lists; image paths are relative to the image root `out`.
+    (The finetuning tasks' annotation files come from `synth_tasks.render_task_annotations`.)"""
     rel = _write_images(out, split, records)
-    captions, vqa, grounding = [], [], []
+    captions = []
     for r in records:
         entry = {"image": rel[r["key"]], "caption": r["caption"], "key": r["key"], "image_id": r["key"]}
         if r.get("bad"):
             entry["caption"] = 12345  # a caption that is not text
         captions.append(entry)
-        scene = scenes.get(r["key"])
-        if scene is None:
-            continue
-        for q, qa in enumerate(scene.questions()):
-            vqa.append(
-                {"image": rel[r["key"]], "question": qa["question"], "answer": [qa["answer"]],
-                 "key": f"{r['key']}-q{q}", "image_id": r["key"]}
-            )  # fmt: skip
-        for o_idx, obj in enumerate(scene.objects):
-            grounding.append(
-                {"image": rel[r["key"]], "caption": f"the {obj.size} {obj.colour} {obj.shape}",
-                 "bbox": list(obj.bbox), "key": f"{r['key']}-o{o_idx}", "image_id": r["key"]}
-            )  # fmt: skip
-    storage.write_text(storage.join(out, f"vqa_{split}.json"), json.dumps(vqa))
-    storage.write_text(storage.join(out, f"grounding_{split}.json"), json.dumps(grounding))
     uri = storage.join(out, f"{split}.json")
     storage.write_text(uri, json.dumps(captions))
     return uri
@@ -443,13 +447,12 @@ def render_corpus(
                     records.append(_corrupt_record(kind, key, clean, image_size))
                     expected[key] = reason
             storage.write_text(storage.join(out, f"{split}_corrupt.json"), json.dumps(expected, indent=1))
-        by_key = {s.key: s for s in split_scenes_}
         if fmt == "parquet":
             result[split] = _write_split_parquet(out, split, records)
         elif fmt == "webdataset":
             result[split] = _write_split_webdataset(out, split, records)
         elif fmt == "json":
-            result[split] = _write_split_json(out, split, records, by_key)
+            result[split] = _write_split_json(out, split, records)
         else:
             result[split] = _write_split_urls(out, split, records, url_base or "")
     return result
