@@ -1,0 +1,108 @@
+"""In-process training and evaluation for the learning tests: the same ingest processing, row
+transforms, `train_step`, `predict` and `score` the Ray jobs run, without Ray's start-up cost.
+
+The Ray paths are covered separately (the demo, the Tune tests, `mplug evaluate` S3 to S3); these
+tests check that each task *learns* on held-out data, which needs hundreds of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.data.ingest import IngestConfig, UnitCounts, list_units, process_unit_records
+from pipelines.data.stream import collate_rows
+from pipelines.data.transforms import objects
+from pipelines.tasks.base import EvalSetup, StepContext, Task
+from pipelines.train.step import train_step
+
+
+def processed_rows(annotations: str, image_root: str, image_size: int = 64, **options: Any) -> list[dict]:
+    """Rows of an annotation file as `mplug ingest` writes them (same reader and processing)."""
+    cfg = IngestConfig(input=annotations, format="json", output="/nonexistent", image_root=image_root,
+                       image_size=image_size, min_image_size=16, **options)  # fmt: skip
+    units, cols = list_units(cfg)
+    rows = []
+    for unit in units:
+        for clean, reject in process_unit_records(unit, cfg, cols, UnitCounts()):
+            if reject is not None:
+                raise AssertionError(f"synthetic row rejected: {reject}")
+            rows.append({k: v for k, v in clean.items() if not k.startswith("_")})
+    return rows
+
+
+def numpy_batch(rows: list[dict], columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Rows as the stream hands them to a transform (object columns; missing ones as None)."""
+    return {c: objects([r.get(c) for r in rows]) for c in columns}
+
+
+def batches(task: Task, rows: list[dict], batch_size: int, train: bool, seed: int = 0, drop_last: bool = True):
+    """Transformed, collated batches of `rows` (shuffled per call when training)."""
+    transform = task.transform(train=train).build()
+    order = np.random.default_rng(seed).permutation(len(rows)) if train else np.arange(len(rows))
+    stop = len(rows) - (len(rows) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        part = [rows[i] for i in order[start : start + batch_size]]
+        yield collate_rows(transform(numpy_batch(part, task.columns)))
+
+
+def finetune(task: Task, model, rows: list[dict], *, epochs: int, batch_size: int, seed: int = 0) -> list[float]:
+    """Train `model` on `rows` with the task's step and the job's optimizer; the mean loss per epoch."""
+    from pipelines.train.optim import build_job_optimizer
+
+    steps_per_epoch = len(rows) // batch_size
+    optimizer, scheduler = build_job_optimizer(model, task.job.optim, steps_per_epoch * epochs)
+    model.train()
+    losses, step = [], 0
+    for epoch in range(epochs):
+        total = 0.0
+        for batch in batches(task, rows, batch_size, train=True, seed=seed * 1000 + epoch):
+            ctx = StepContext(step, epoch, steps_per_epoch)
+            result = train_step(model, task, [batch], optimizer, scheduler, ctx, grad_clip=task.job.optim.grad_clip)
+            total += float(result.values["loss"])
+            step += 1
+        losses.append(total / steps_per_epoch)
+    return losses
+
+
+@torch.no_grad()
+def evaluate(task: Task, model, rows: list[dict], setup: EvalSetup | None = None, batch_size: int = 32):
+    """(metrics, baseline, predictions) of `model` on `rows`."""
+    model.eval()
+    keep = setup.keys if setup is not None and setup.keys is not None else None
+    rows = [r for r in rows if keep is None or r["key"] in keep]
+    predictions = []
+    for batch in batches(task, rows, batch_size, train=False, drop_last=False):
+        predictions.extend(task.predict(model, batch))
+    return task.score(predictions, model, setup), task.baseline(predictions, setup), predictions
+
+
+def save_run(model, folder: str) -> str:
+    """`model` as a run of ours keeps it (`final/`), for `--init` and `mplug evaluate`."""
+    final = os.path.join(folder, "final")
+    model.save_pretrained(final)
+    return final
+
+
+def references_of(rows: list[dict]) -> dict[str, list[str]]:
+    refs: dict[str, list[str]] = {}
+    for r in rows:
+        refs.setdefault(str(r["image_id"] or r["key"]), []).append(r["caption"])
+    return refs
+
+
+def first_keys(rows: list[dict]) -> frozenset[str]:
+    first: dict[str, str] = {}
+    for r in sorted(rows, key=lambda r: r["key"]):
+        first.setdefault(str(r["image_id"] or r["key"]), r["key"])
+    return frozenset(first.values())
+
+
+def write_json(path: str, value: Any) -> str:
+    with open(path, "w") as f:
+        json.dump(value, f)
+    return path
