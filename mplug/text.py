@@ -45,19 +45,52 @@ def attention_mask(
 
 @dataclass
 class LayerCache:
-    """Cached keys/values of one decoder layer, each (B, heads, L, head_dim)."""
+    """One decoder layer's keys/values from earlier decoding steps, each (rows, heads, L, head_dim).
 
-    self_key: torch.Tensor | None = None
+    Self-attention: one row per decoded sequence (N), in buffers with room for `capacity`
+    positions, filled up to `length`: a step writes its keys in place instead of re-concatenating
+    the whole prefix. Cross-attention: the memory's keys/values, one row per memory item (B),
+    shared by the N / B sequences decoded from that item (beams) and computed once.
+    The cache is updated in place (inference only: no autograd through it).
+    """
+
+    capacity: int = 0  # positions to allocate on the first write; grows by doubling after
+    length: int = 0
+    self_key: torch.Tensor | None = None  # (N, nh, capacity, hd)
     self_value: torch.Tensor | None = None
-    cross_key: torch.Tensor | None = None
+    cross_key: torch.Tensor | None = None  # (B, nh, M, hd)
     cross_value: torch.Tensor | None = None
 
-    def reorder(self, index: torch.Tensor) -> LayerCache:
-        """Select batch rows (beam search keeps the surviving beams)."""
-        return LayerCache(*(None if t is None else t.index_select(0, index) for t in self._tensors()))
+    def past(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached self-attention keys/values (N, nh, length, hd), or None when empty."""
+        if self.self_key is None or self.length == 0:
+            return None
+        return self.self_key[:, :, : self.length], self.self_value[:, :, : self.length]
 
-    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.self_key, self.self_value, self.cross_key, self.cross_value)
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new keys/values (N, nh, Lnew, hd) after the cached ones -> all (N, nh, length, hd)."""
+        start, end = self.length, self.length + key.shape[2]
+        if self.self_key is None or end > self.self_key.shape[2]:
+            self._grow(key, max(end, self.capacity, 2 * start))
+        self.self_key[:, :, start:end] = key
+        self.self_value[:, :, start:end] = value
+        self.length = end
+        return self.past()
+
+    def _grow(self, like: torch.Tensor, capacity: int) -> None:
+        n, heads, _, head_dim = like.shape
+        old = self.past()
+        self.self_key, self.self_value = (like.new_empty(n, heads, capacity, head_dim) for _ in range(2))
+        if old is not None:
+            self.self_key[:, :, : self.length], self.self_value[:, :, : self.length] = old
+
+    def reorder(self, index: torch.Tensor) -> LayerCache:
+        """Keep self-attention rows `index` (beam search's surviving beams). The cross keys stay:
+        an index must map each sequence to one decoded from the same memory item."""
+        if self.self_key is not None:
+            self.self_key = self.self_key.index_select(0, index)
+            self.self_value = self.self_value.index_select(0, index)
+        return self
 
 
 class SdpaAttention(nn.Module):
@@ -133,22 +166,43 @@ class BertBlock(GradientCheckpointingLayer):
         cache: LayerCache | None = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, LayerCache | None]:
-        k, v = self.attention.self.project_kv(hidden)  # (B, nh, L, hd)
-        if cache is not None and cache.self_key is not None:
-            k, v = torch.cat([cache.self_key, k], dim=2), torch.cat([cache.self_value, v], dim=2)
+        """hidden (N, L, D); encoder_hidden (B, M, D) with N a multiple of B: the N / B consecutive
+        rows of each memory item share it (beams, or candidate answers)."""
+        k, v = self.attention.self.project_kv(hidden)  # (N, nh, Lnew, hd)
+        if use_cache:
+            cache = cache if cache is not None else LayerCache()
+            k, v = cache.append(k, v)  # (N, nh, Lpast + Lnew, hd)
+        elif cache is not None and cache.past() is not None:  # read the cache, leave it as it is
+            past_k, past_v = cache.past()
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         hidden = self.attention(hidden, self_mask, (k, v))
-        new_cache = LayerCache(k, v) if use_cache else None
         if self.crossattention is not None:
             if encoder_hidden is None:
                 raise ValueError("this layer has cross-attention: pass encoder_hidden")
             if cache is not None and cache.cross_key is not None:
-                ck, cv = cache.cross_key, cache.cross_value  # encoder keys are computed once per sequence
+                ck, cv = cache.cross_key, cache.cross_value  # encoder keys are computed once per item
             else:
-                ck, cv = self.crossattention.self.project_kv(encoder_hidden)
-            hidden = self.crossattention(hidden, encoder_mask, (ck, cv))
-            if new_cache is not None:
-                new_cache.cross_key, new_cache.cross_value = ck, cv
-        return self.output(self.intermediate(hidden), hidden), new_cache
+                ck, cv = self.crossattention.self.project_kv(encoder_hidden)  # (B, nh, M, hd)
+                if use_cache:
+                    cache.cross_key, cache.cross_value = ck, cv
+            hidden = self._cross_attend(hidden, encoder_mask, (ck, cv))
+        return self.output(self.intermediate(hidden), hidden), cache if use_cache else None
+
+    def _cross_attend(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, kv: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """hidden (N, L, D), keys/values (B, nh, M, hd), N = B * r. The r sequences of an item
+        attend to its memory together, folded into the query axis (B, r * L, D): the memory's
+        keys/values are never copied per sequence. Every op in the sublayer is per query token, so
+        this equals attending row by row."""
+        n, length, width = hidden.shape
+        b = kv[0].shape[0]
+        if n == b:
+            return self.crossattention(hidden, mask, kv)
+        if n % b:
+            raise ValueError(f"{n} sequences cannot share a memory of {b} items: need a multiple of {b}")
+        folded = hidden.reshape(b, n // b * length, width)  # (B, r * L, D)
+        return self.crossattention(folded, mask, kv).view(n, length, width)
 
 
 class TextEncoder(nn.Module):
@@ -198,8 +252,12 @@ class TextDecoder(nn.Module):
         cache: list[LayerCache] | None = None,
         use_cache: bool = False,
     ) -> tuple[torch.Tensor, list[LayerCache] | None]:
-        """input_ids (B, Lnew), mask (B, Lpast + Lnew) 1/0 -> hidden states (B, Lnew, D), cache."""
-        past = 0 if cache is None or cache[0].self_key is None else cache[0].self_key.shape[2]
+        """input_ids (N, Lnew), mask (N, Lpast + Lnew) 1/0, encoder_hidden (B, M, D), encoder_mask
+        (B, M) -> hidden states (N, Lnew, D), cache. N is a multiple of B: rows i*N/B .. (i+1)*N/B - 1
+        are decoded against memory item i (beams, candidates), which is not copied per row.
+        `cache` (one `LayerCache` per layer) holds the earlier steps; with `use_cache` it is
+        created if None, extended in place and returned."""
+        past = 0 if cache is None else cache[0].length
         positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None]
         hidden = self.embeddings(input_ids=input_ids, position_ids=positions)
         self_mask = attention_mask(mask, query_len=input_ids.shape[1], causal=True)
