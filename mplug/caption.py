@@ -82,10 +82,11 @@ class MPlugForCaptioning(MPlugPreTrainedModel):
         """images (B, 3, H, W); sequences/mask (B*n, L): the n sampled captions of each image as
         `[CLS] caption [SEP] [PAD]*`; rewards (B, n). Loss = −mean over captions of
         (log p(caption) / its length) × (reward − mean reward of the image's n captions)."""
-        b, n = rewards.shape
+        if sequences.shape[0] != rewards.numel():
+            raise ValueError(f"{sequences.shape[0]} sampled captions but rewards {tuple(rewards.shape)}")
         memory, memory_mask = self.visual_memory(images)
-        rows = torch.arange(b, device=images.device).repeat_interleave(n)
-        logp = token_log_probs(self.text_decoder, sequences, sequence_mask, memory[rows], memory_mask[rows])
+        # The decoder reads each image's memory for its n consecutive captions: no copies.
+        logp = token_log_probs(self.text_decoder, sequences, sequence_mask, memory, memory_mask)
         length = sequence_mask[:, 1:].sum(1).clamp(min=1)  # generated tokens, [SEP] included
         advantage = (rewards - rewards.mean(1, keepdim=True)).flatten().to(logp.dtype)
         return MPlugCaptionOutput(-((logp.sum(1) / length) * advantage).mean())

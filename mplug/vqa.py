@@ -126,9 +126,9 @@ class MPlugForQuestionAnswering(MPlugPreTrainedModel):
         first = self.text_decoder.logits(hidden[:, 0]).float().log_softmax(-1)  # (B, V)
         first_logp = first.index_select(1, candidate_ids[:, 1])  # (B, C) log p(first token)
         top_logp, top = first_logp.topk(k, dim=1)  # (B, k)
-        ids, mask = candidate_ids[top.flatten()], candidate_mask[top.flatten()]  # (B*k, La)
-        rows = torch.arange(b, device=memory.device).repeat_interleave(k)
-        rest = sequence_nll(self.text_decoder, ids, mask, memory[rows], memory_mask[rows])
+        ids, mask = candidate_ids[top.flatten()], candidate_mask[top.flatten()]  # (B*k, La), question-major
+        # The decoder reads each question's memory for its k consecutive candidates: no copies.
+        rest = sequence_nll(self.text_decoder, ids, mask, memory, memory_mask)
         # The full sequence's NLL includes the first token; the official code adds the first
         # token's log-probability again (chain rule over its own top-k step): keep that scoring.
         scores = (top_logp.flatten() - rest).view(b, k)
