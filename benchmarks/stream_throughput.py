@@ -1,12 +1,13 @@
-"""Training-stream throughput (batches/s) against the limit measured in the same run.
+"""Training-stream throughput (rows/s) against the number of transform tasks it is given.
 
-Limit: a single-process loop calling the same UDF the Ray tasks run
-(`pipelines.data.stream.ImageTextTransform`: JPEG decode, RandomResizedCrop + flip +
-RandAugment, CLIP normalisation, tokenisation) on the same rows, times the cores used. Ray:
-`training_dataset(...).iter_torch_batches(...)` with that many concurrent transform tasks, consumed
-by the driver as a trainer would consume its shard.
+Reference: a single-process loop calling the same UDF the Ray tasks run
+(`pipelines.data.transforms.ImageTextTransform`: JPEG decode, RandomResizedCrop + flip +
+RandAugment, CLIP normalisation, tokenisation) on the same rows: one core's rate. Ray: one rank's
+epoch stream (`rank_epoch_dataset`, as the training loop reads it) with 1, 2, 4, … concurrent
+transform tasks, consumed by the driver as a trainer consumes its rows. The stream should scale
+with the tasks up to the cores, then flatten (logical CPUs beyond the cores add no compute).
 
-    .venv/bin/python -m benchmarks.stream_throughput --rows 512 --cores 2
+    .venv/bin/python -m benchmarks.stream_throughput --rows 512 --cores 2 --tasks 1 2 4 6
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--stored-size", type=int, default=256, help="shorter side of the ingested JPEGs")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-text-len", type=int, default=30)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[1, 2, 4, 6], help="transform tasks to try")
+    parser.add_argument("--logical-cpus", type=int, default=8, help="CPUs the local Ray advertises")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
@@ -38,7 +41,7 @@ def main() -> None:
     from pipelines.cluster import init_ray, quiet_ray_data
     from pipelines.data.image import ImageLimits, process_image
     from pipelines.data.records import DATA_SCHEMA
-    from pipelines.data.stream import ImageTextTransform, training_dataset
+    from pipelines.data.transforms import ImageTextTransform
 
     work = tempfile.mkdtemp(prefix="stream_bench_")
     try:
@@ -79,42 +82,48 @@ def main() -> None:
         # The machine is shared: the limit is the mean of runs before and after the Ray run.
         single_before = single_process_rate()
 
-        # One more CPU than the transform tasks for the driver consuming the stream (the trainer's role).
-        init_ray("local", num_cpus=args.cores + 1)
+        # The training stream as a rank reads it (`rank_epoch_dataset`: fixed order, per-row
+        # augmentation seeds), with 1, 2, ... concurrent transform tasks on a local Ray that
+        # advertises `--logical-cpus` (more than the cores, as the launcher's local instances).
+        from pipelines.data.order import plan_chunks, rank_windows
+        from pipelines.data.stream import processed_files, rank_epoch_dataset
+        from pipelines.data.transforms import Transform
+
+        init_ray("local", num_cpus=args.logical_cpus)
         quiet_ray_data()
-        ds = training_dataset(
-            [os.path.join(work, "out")],
-            image_size=args.image_size,
-            max_text_len=args.max_text_len,
-            train=True,
-            batch_size=args.batch_size,
-            max_actors=args.cores,
-        )
-        # Epoch 1 warms the task workers (imports, tokenizer load, cached transform); epoch 2 is measured.
-        for epoch in range(2):
-            t0 = time.perf_counter()
-            n = 0
-            for batch in ds.iter_torch_batches(batch_size=args.batch_size, drop_last=True):
-                assert batch["image"].shape == (args.batch_size, 3, args.image_size, args.image_size)
-                n += 1
-            rate = n / (time.perf_counter() - t0)
-            print(f"epoch {epoch}: {n} batches, {rate:.2f} batches/s")
+        chunks = plan_chunks(processed_files([os.path.join(work, "out")]))
+        transform = Transform.of(ImageTextTransform, image_size=args.image_size, max_text_len=args.max_text_len,
+                                 train=True, include_key=False)  # fmt: skip
+        rates = {}
+        for tasks in args.tasks:
+            # Epoch 0 warms the task workers (imports, tokenizer load, cached transform); epoch 1 is measured.
+            for epoch in range(2):
+                windows = rank_windows(chunks, seed=0, epoch=epoch, rank=0, world=1, window=4)
+                ds = rank_epoch_dataset(windows, transform, columns=("key", "image", "caption"), seed=0,
+                                        epoch=epoch, batch_size=args.batch_size, transform_tasks=tasks)  # fmt: skip
+                t0, n = time.perf_counter(), 0
+                for batch in ds.iter_torch_batches(batch_size=args.batch_size, drop_last=True):
+                    assert batch["image"].shape == (args.batch_size, 3, args.image_size, args.image_size)
+                    n += 1
+                rate = n * args.batch_size / (time.perf_counter() - t0)
+            rates[tasks] = rate
+            print(f"{tasks} transform task(s): {rate:.1f} rows/s", flush=True)
         single_after = single_process_rate()
         single = (single_before + single_after) / 2
-        limit = single * args.cores
+        single_rows = single * args.batch_size
         print(
-            f"single-process UDF: {single_before:.2f} / {single_after:.2f} batches/s of {args.batch_size} "
-            f"(before/after) → limit {limit:.2f} on {args.cores} cores"
+            f"single-process UDF: {single_before * args.batch_size:.1f} / {single_after * args.batch_size:.1f} rows/s "
+            f"(before/after): one core's limit {single_rows:.1f} rows/s; {args.cores} cores: {single_rows * args.cores:.1f}"
         )
         result = {
             "rows": args.rows,
             "batch_size": args.batch_size,
             "image_size": args.image_size,
             "cores": args.cores,
-            "single_process_batches_per_s_before_after": [round(single_before, 3), round(single_after, 3)],
-            "limit_batches_per_s": round(limit, 3),
-            "ray_stream_batches_per_s": round(rate, 3),
-            "stream_vs_limit": round(rate / limit, 3),
+            "logical_cpus": args.logical_cpus,
+            "single_process_rows_per_s": round(single_rows, 1),
+            "stream_rows_per_s_by_transform_tasks": {k: round(v, 1) for k, v in rates.items()},
+            "stream_vs_one_core": {k: round(v / single_rows, 2) for k, v in rates.items()},
             "loadavg_1m_before": round(load_before, 1),
             "loadavg_1m_after": round(os.getloadavg()[0], 1),
         }

@@ -391,9 +391,14 @@ class Layout:
         return self.path("_state", "dups", f"p{part:02d}.parquet")
 
 
-def _write_table(uri: str, table: pa.Table) -> int:
+# Processed shards are written in row groups of this many rows: the training stream's unit of
+# reading (`pipelines/data/order.py`), so a worker reads a group's images, not a whole shard's.
+DATA_ROW_GROUP_ROWS = 256
+
+
+def _write_table(uri: str, table: pa.Table, row_group_size: int | None = None) -> int:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=row_group_size)
     data = sink.getvalue().to_pybytes()
     storage.write_bytes(uri, data)
     return len(data)
@@ -423,10 +428,12 @@ def stage_a(unit: readers.Unit, cfg: IngestConfig, cols: readers.Columns | None)
         )
         pending.append(clean)
         if len(pending) == cfg.rows_per_shard:
-            _write_table(lay.staging(unit.unit_id, chunks), pa.Table.from_pylist(pending, schema=DATA_SCHEMA))
+            _write_table(lay.staging(unit.unit_id, chunks), pa.Table.from_pylist(pending, schema=DATA_SCHEMA),
+                         DATA_ROW_GROUP_ROWS)  # fmt: skip
             chunks, pending = chunks + 1, []
     if pending:
-        _write_table(lay.staging(unit.unit_id, chunks), pa.Table.from_pylist(pending, schema=DATA_SCHEMA))
+        _write_table(lay.staging(unit.unit_id, chunks), pa.Table.from_pylist(pending, schema=DATA_SCHEMA),
+                     DATA_ROW_GROUP_ROWS)  # fmt: skip
         chunks += 1
     if rejects:
         _write_table(lay.path("rejects", f"{unit.unit_id}.parquet"), rejects_table(rejects))
@@ -513,7 +520,7 @@ def stage_c(unit_id: str, cfg: IngestConfig) -> dict:
         table = _read_table(src)
         keep = np.ones(table.num_rows, dtype=bool)
         keep[drop] = False
-        bytes_written += _write_table(dst, table.filter(pa.array(keep)))
+        bytes_written += _write_table(dst, table.filter(pa.array(keep)), DATA_ROW_GROUP_ROWS)
     if dups:
         rejects = [
             {"key": key, "reason": "duplicate", "detail": f"same image and text as key {kept!r}"}

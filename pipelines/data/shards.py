@@ -71,3 +71,48 @@ def read_columns(data_uris: list[str], columns: tuple[str, ...]) -> pa.Table:
     if not tables:
         raise FileNotFoundError(f"no processed shards under {data_uris}: run `mplug ingest` first")
     return pa.concat_tables(tables)
+
+
+def _read_group(path: str, group: int, columns: tuple[str, ...]) -> pa.Table:
+    from pipelines.data.records import DATA_SCHEMA
+
+    fs, inner = storage.pyarrow_fs(path)
+    with fs.open_input_file(inner) as f:
+        parquet = pq.ParquetFile(f)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        table = parquet.read_row_group(group, columns=present)
+    for name in columns:
+        if name not in present:
+            kind = DATA_SCHEMA.field(name).type if name in DATA_SCHEMA.names else pa.null()
+            table = table.append_column(name, pa.nulls(table.num_rows, kind))
+    return table.select(list(columns))
+
+
+def read_window_rows(
+    batch: dict[str, np.ndarray], rows_per_block: int, columns: tuple[str, ...], seed: int, epoch: int
+) -> Iterator[pa.Table]:
+    """The training stream's reader (`pipelines/data/order.py`): each item is one `Window`
+    (JSON); its chunks are read, their rows permuted by the window's seed, the first `skip` rows
+    dropped, and every row given `_seed`, its augmentation seed for this epoch."""
+    import json
+
+    from pipelines.data.order import row_seed
+
+    groups: dict[tuple[str, int], pa.Table] = {}  # a row group read once for all its chunks
+    for item in batch["window"]:
+        window = json.loads(str(item))
+        parts = []
+        for c in window["chunks"]:
+            where = (c["path"], c["group"])
+            if where not in groups:
+                groups[where] = _read_group(c["path"], c["group"], columns)
+            parts.append(groups[where].slice(c["start"], c["rows"]))
+        table = pa.concat_tables(parts)
+        order = np.random.default_rng(window["permutation_seed"]).permutation(table.num_rows)[
+            window["skip"] :
+        ]
+        table = table.take(pa.array(order, pa.int64()))
+        seeds = [row_seed(seed, epoch, str(k)) for k in table.column("key").to_pylist()]
+        table = table.append_column("_seed", pa.array(seeds, pa.int64()))
+        for start in range(0, table.num_rows, rows_per_block):
+            yield table.slice(start, rows_per_block)

@@ -51,14 +51,20 @@ def _built(transform: Transform) -> Any:
     return transform.build()
 
 
-def transform_batch(batch: dict[str, np.ndarray], transform: Transform) -> dict[str, np.ndarray]:
-    """A row transform as a task function, built once per worker process and kept.
+def transform_batch(
+    batch: dict[str, np.ndarray], transform: Transform, keep_key: bool = False
+) -> dict[str, np.ndarray]:
+    """A row transform as a task function, built once per worker process and kept. With
+    `keep_key` rows keep their `key` (the training loop logs which rows it trained on).
 
     Tasks, not an actor pool: the stream re-executes every epoch, and a fresh actor pool pays
     process start, imports and tokenizer load each time (seconds per epoch, all data wait),
     while Ray reuses its warm task workers and this cache across epochs.
     """
-    return _built(transform)(batch)
+    out = _built(transform)(batch)
+    if keep_key and "key" in batch and "key" not in out:
+        out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+    return out
 
 
 def processed_files(data_uris: list[str]) -> list[str]:
@@ -142,6 +148,50 @@ def task_dataset(
         compute=ray.data.TaskPoolStrategy(
             size=transform_tasks or max(1, min(8, int(ray.cluster_resources().get("CPU", 1)) // 2))
         ),
+        num_cpus=1,
+    )
+
+
+def rank_epoch_dataset(
+    windows: list,
+    transform: Transform,
+    *,
+    columns: tuple[str, ...],
+    seed: int,
+    epoch: int,
+    batch_size: int = 32,
+    transform_tasks: int = 1,
+    row_bytes: int | None = None,
+):
+    """One rank's training rows for one epoch, in the fixed order of `pipelines/data/order.py`:
+    its windows read by tasks, transformed by `transform_tasks` concurrent tasks, handed over in
+    order (`preserve_order`), so the rank's sequence of rows and augmentations is the same in
+    every run."""
+    import json
+    from dataclasses import asdict
+
+    import ray
+
+    from pipelines.data.shards import read_window_rows
+
+    items = [{"window": json.dumps(asdict(w))} for w in windows]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(
+        read_window_rows,
+        fn_kwargs={"rows_per_block": batch_size, "columns": tuple(dict.fromkeys([*columns, "key"])), "seed": seed,
+                   "epoch": epoch},
+        batch_size=1,
+        num_cpus=0.5,
+    )  # fmt: skip
+    ds.context.execution_options.preserve_order = True
+    if row_bytes:
+        ds.context.target_max_block_size = row_bytes * batch_size
+    return ds.map_batches(
+        transform_batch,
+        fn_kwargs={"transform": transform, "keep_key": True},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=max(1, transform_tasks)),
         num_cpus=1,
     )
 

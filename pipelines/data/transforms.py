@@ -127,6 +127,13 @@ class ImageAugment:
             [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)]
         )
 
+    def reseed(self, seed: int | None) -> None:
+        """Draw this row's augmentation from its own seed (the training order's `_seed`: the
+        same draws in every run, whichever process transforms the row)."""
+        if seed is not None and self.train:
+            self.rng = np.random.default_rng(int(seed))
+            torch.manual_seed(int(seed))
+
     def __call__(self, im: Image.Image, flip: bool | None = None) -> tuple[torch.Tensor, bool]:
         """`flip`: force the flip decision (two images of one NLVR2 row flip together)."""
         im = self.geometric(im)
@@ -169,6 +176,11 @@ def _column(batch: dict[str, np.ndarray], name: str, n: int) -> list:
     return list(batch[name]) if name in batch else [None] * n
 
 
+def row_seeds(batch: dict[str, np.ndarray], n: int) -> list[int | None]:
+    """Each row's augmentation seed (`_seed`, set by the training order's reader), else None."""
+    return [None if v is None else int(v) for v in _column(batch, "_seed", n)]
+
+
 def image_ids(batch: dict[str, np.ndarray], n: int) -> np.ndarray:
     """Each row's image id (rows of one image share it: COCO's five captions), else its key."""
     ids = _column(batch, "image_id", n)
@@ -204,8 +216,9 @@ class ImageTextTransform:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         images, texts = [], []
-        for data, caption, question in zip(batch["image"], _column(batch, "caption", n),
-                                           _column(batch, "question", n)):  # fmt: skip
+        for data, caption, question, seed in zip(batch["image"], _column(batch, "caption", n),
+                                                 _column(batch, "question", n), row_seeds(batch, n)):  # fmt: skip
+            self.augment.reseed(seed)
             tensor, flipped = self.augment(decode_rgb(data))
             text = caption or question or ""
             images.append(tensor)
@@ -279,6 +292,7 @@ class VQATransform:
         rows = [{k: batch[k][i] for k in batch} for i in range(n)]
         images, questions, answers, weights = [], [], [], []
         for row in rows:
+            self.augment.reseed(row.get("_seed"))
             tensor, flipped = self.augment(decode_rgb(row["image"]))
             question = str(row.get("question") or "")
             row_answers, row_weights = self._answers(row)
@@ -333,7 +347,8 @@ class CaptionTransform:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         images, captions = [], []
-        for data, caption in zip(batch["image"], _column(batch, "caption", n)):
+        for data, caption, seed in zip(batch["image"], _column(batch, "caption", n), row_seeds(batch, n)):
+            self.augment.reseed(seed)
             tensor, flipped = self.augment(decode_rgb(data))
             caption = str(caption or "")
             images.append(tensor)
@@ -377,7 +392,8 @@ class RetrievalTransform:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
         images, texts = [], []
-        for data, caption in zip(batch["image"], _column(batch, "caption", n)):
+        for data, caption, seed in zip(batch["image"], _column(batch, "caption", n), row_seeds(batch, n)):
+            self.augment.reseed(seed)
             tensor, flipped = self.augment(decode_rgb(data))
             caption = str(caption or "")
             images.append(tensor)
@@ -528,7 +544,9 @@ class ClassificationTransform:
         n = len(batch["key"])
         pairs = _column(batch, "images", n)
         images, texts = [], []
+        seeds = row_seeds(batch, n)
         for row, (data, text) in enumerate(zip(batch["image"], _column(batch, "caption", n))):
+            self.augment.reseed(seeds[row])
             sources = list(pairs[row]) if self.num_images > 1 else [data]
             if len(sources) != self.num_images:
                 raise ValueError(

@@ -31,6 +31,8 @@ METRICS_FILE = "metrics.csv"
 class TrainState:
     step: int = 0
     epoch: int = 0
+    # The step the current epoch began at: a resumed run skips the rows of the steps since.
+    epoch_start_step: int = 0
     samples_seen: int = 0
     world_size: int = 1
     # "ddp" or "fsdp": the optimizer state's layout differs between them.

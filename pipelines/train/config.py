@@ -52,6 +52,8 @@ class DataSection(_Strict):
     eval_batch_size: int | None = Field(None, gt=0, description="None: data.batch_size")
     image_size: int | None = Field(None, gt=0, description="None: the model config's")
     max_text_len: int | None = Field(None, gt=2, description="None: the model config's")
+    # Rows shuffled together: each rank reads its chunks (parquet row groups) in a seeded order
+    # and permutes the rows of this many rows' worth of chunks at a time (`pipelines/data/order.py`).
     local_shuffle_buffer: int = Field(256, ge=0)
     # RandomResizedCrop's smallest area fraction; None: the task's official value (pretraining
     # 0.2, finetuning 0.5). A corpus whose captions name positions and counts (the synthetic
@@ -108,6 +110,8 @@ class RunSection(_Strict):
     # Also evaluate before the first step (and after a resume), so every report carries the
     # latest value of the metric: what Tune's schedulers and searchers read (`mplug tune` sets it).
     eval_at_start: bool = False
+    # Write the keys of the rows each rank trained on with every checkpoint (RUN/samples/).
+    log_sample_keys: bool = False
     seed: int = 0
 
     @field_validator("name")

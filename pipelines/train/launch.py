@@ -188,10 +188,12 @@ def build_trainer(
 ):
     """The TorchTrainer of `plan` (Ray must be up). `run_name`/`storage_uri` override the job's
     (a Tune trial names its run from its trial id); `callbacks` go into the RunConfig."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.data.stream import default_transform_tasks, image_row_bytes, task_dataset
+    from pipelines.data.order import chunk_rows, plan_chunks
+    from pipelines.data.stream import default_transform_tasks, image_row_bytes, processed_files, task_dataset
     from pipelines.train.data_config import train_data_config
 
     job = TrainConfig.model_validate(plan.job)
@@ -204,10 +206,11 @@ def build_trainer(
         or default_transform_tasks(hi * job.scaling.cpus_per_worker)
     )
     row_bytes = image_row_bytes(cfg.image_size, cfg.max_text_len, images=getattr(task, "images_per_row", 1))
-    datasets = {
-        "train": task_dataset(job.data.uris, task.transform(train=True), columns=task.columns, train=True,
-                              seed=job.run.seed, transform_tasks=tasks, row_bytes=row_bytes),
-    }  # fmt: skip
+    # Training rows: each rank builds its own epoch stream in a fixed order from the chunk table
+    # (footers read once here, shared through the object store); evaluation rows stream through
+    # Ray Train's split.
+    chunks = ray.put(plan_chunks(processed_files(job.data.uris), chunk_rows(plan.train_rows, hi)))
+    datasets = {}
     if plan.eval_rows:
         datasets["eval"] = task_dataset(
             job.data.eval_uris, task.transform(train=False), columns=task.columns, train=False,
@@ -217,7 +220,7 @@ def build_trainer(
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(plan),
+        train_loop_config={"plan": asdict(plan), "chunks": chunks, "transform_tasks": max(1, tasks // hi)},
         scaling_config=ScalingConfig(
             num_workers=job.scaling.num_workers,
             use_gpu=job.scaling.use_gpu,
@@ -235,7 +238,7 @@ def build_trainer(
             worker_runtime_env={"env_vars": env} if env else None,
             callbacks=callbacks,
         ),
-        datasets=datasets,
+        datasets=datasets or None,
         dataset_config=train_data_config(),
     )
 

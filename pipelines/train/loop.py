@@ -83,13 +83,17 @@ def build_task(plan: TrainPlan) -> Task:
     return task_class(plan.task)(job, MPlugConfig.from_dict(plan.model_config))
 
 
-def train_loop_per_worker(plan_dict: dict) -> None:
+def train_loop_per_worker(config: dict) -> None:
+    """`config`: {"plan": TrainPlan fields, "chunks": an object ref to the training data's
+    chunks (`pipelines/data/order.py`), "transform_tasks": this rank's transform tasks}."""
+    import ray
     import ray.train
     import ray.train.torch
 
     from pipelines.train.init import load_initial_weights
 
-    plan = TrainPlan(**plan_dict)
+    plan = TrainPlan(**config["plan"])
+    chunks = ray.get(config["chunks"])
     task = build_task(plan)
     job = task.job
     ctx = ray.train.get_context()
@@ -133,7 +137,6 @@ def train_loop_per_worker(plan_dict: dict) -> None:
             f"threads each, {plan.total_steps} steps of {plan.global_batch} samples"
         )
     peak = peak_flops(device)
-    train_shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if plan.eval_rows else None
     meter, window, window_steps = StepMeter(), {}, 0
     latest_eval: dict[str, float] = {}  # carried in every later report (not in the history)
@@ -144,18 +147,23 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         _report(model, optimizer, scheduler, state, rank, {**row, **latest_eval}, plan, checkpoint=False)
     model.train()
 
+    samples = SampleLog(plan.run_uri, rank) if job.run.log_sample_keys else None
+    # A resumed run continues its epoch where the checkpoint was taken: each rank's rows of an
+    # epoch are a fixed sequence, so it skips the rows its steps have already trained on.
+    skip_rows = (state.step - state.epoch_start_step) * job.data.batch_size * accum
+    if skip_rows and state.world_size != world:
+        skip_rows = 0  # another worker count deals the chunks otherwise: the epoch restarts
     while state.step < plan.total_steps:
-        batches = train_shard.iter_torch_batches(
-            batch_size=job.data.batch_size,
-            drop_last=True,
-            collate_fn=collate_rows,  # tensors, plus ids where a task needs them (SCST's image ids)
-            local_shuffle_buffer_size=job.data.local_shuffle_buffer or None,
-            local_shuffle_seed=job.run.seed * 1000 + state.epoch * 10 + rank,
+        batches = _epoch_batches(
+            task, job, chunks, state.epoch, rank, world, skip_rows, config["transform_tasks"]
         )
         batches = (to_device(b, device) for b in batches)
         meter.restart()
-        step_at_epoch_start, micro = state.step, []
+        step_at_epoch_start, micro = state.epoch_start_step if skip_rows else state.step, []
+        state.epoch_start_step, skip_rows = step_at_epoch_start, 0
         for batch in synced_batches(batches, device):
+            if samples is not None:
+                samples.add(state.epoch, batch["key"])
             micro.append(batch)
             if len(micro) < accum:
                 continue
@@ -192,9 +200,8 @@ def train_loop_per_worker(plan_dict: dict) -> None:
                 state.history.append(row)
                 if rank == 0:
                     log.info("[mplug] " + format_step_line(row, plan.total_steps))
-                _report(
-                    model, optimizer, scheduler, state, rank, {**latest_eval, **row}, plan, checkpoint=True
-                )
+                _report(model, optimizer, scheduler, state, rank, {**latest_eval, **row}, plan, checkpoint=True,
+                        samples=samples)  # fmt: skip
             if final:
                 break
         if state.step == step_at_epoch_start and state.step < plan.total_steps:
@@ -266,8 +273,48 @@ def _eval_copy(model, task: Task, device: torch.device):
     return copy.to(device).eval()
 
 
+def _epoch_batches(task: Task, job: TrainConfig, chunks, epoch: int, rank: int, world: int, skip_rows: int,
+                   transform_tasks: int):  # fmt: skip
+    """This rank's training batches of `epoch`, in the fixed order (`pipelines/data/order.py`)."""
+    from pipelines.data.order import rank_windows
+    from pipelines.data.stream import image_row_bytes, rank_epoch_dataset
+
+    cfg = task.model_config
+    window = max(1, job.data.local_shuffle_buffer // max(1, max(c.rows for c in chunks)))
+    windows = rank_windows(chunks, seed=job.run.seed, epoch=epoch, rank=rank, world=world, window=window,
+                           skip_rows=skip_rows)  # fmt: skip
+    ds = rank_epoch_dataset(
+        windows, task.transform(train=True), columns=task.columns, seed=job.run.seed, epoch=epoch,
+        batch_size=job.data.batch_size, transform_tasks=transform_tasks,
+        row_bytes=image_row_bytes(cfg.image_size, cfg.max_text_len, getattr(task, "images_per_row", 1)),
+    )  # fmt: skip
+    # Tensors, plus ids where a task needs them (SCST's image ids) and the row keys.
+    return ds.iter_torch_batches(batch_size=job.data.batch_size, drop_last=True, collate_fn=collate_rows)
+
+
+class SampleLog:
+    """`run.log_sample_keys`: the keys of the rows each rank trained on, written with every
+    checkpoint to RUN/samples/epoch<E>-rank<R>-upto<STEP>.txt, so what an epoch saw can be
+    audited (a resumed epoch's files add up to an uninterrupted epoch's)."""
+
+    def __init__(self, run_uri: str, rank: int) -> None:
+        self.run_uri, self.rank = run_uri, rank
+        self.pending: dict[int, list[str]] = {}
+
+    def add(self, epoch: int, keys: list[str]) -> None:
+        self.pending.setdefault(epoch, []).extend(str(k) for k in keys)
+
+    def flush(self, step: int) -> None:
+        from pipelines import storage
+
+        for epoch, keys in self.pending.items():
+            name = f"epoch{epoch:04d}-rank{self.rank}-upto{step:08d}.txt"
+            storage.write_text(storage.join(self.run_uri, "samples", name), "\n".join(keys) + "\n")
+        self.pending = {}
+
+
 def _report(model, optimizer, scheduler, state: TrainState, rank: int, row: dict, plan: TrainPlan,
-            checkpoint: bool) -> None:  # fmt: skip
+            checkpoint: bool, samples: SampleLog | None = None) -> None:  # fmt: skip
     import ray.train
 
     job = TrainConfig.model_validate(plan.job)
@@ -276,6 +323,8 @@ def _report(model, optimizer, scheduler, state: TrainState, rank: int, row: dict
     if not checkpoint or not (final or state.step % job.run.checkpoint_every == 0):
         ray.train.report(metrics)
         return
+    if samples is not None:
+        samples.flush(state.step)
     # Every rank gathers (FSDP needs all ranks); only rank 0 writes the model and optimizer.
     model_state = full_state_dict(model)
     optim_state = {"optimizer": full_optim_state(model, optimizer), "scheduler": scheduler.state_dict()}

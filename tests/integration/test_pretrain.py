@@ -122,13 +122,51 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
+def expected_rank_rows(corpus_uri: str, job, epoch: int, world: int) -> list[list[str]]:
+    """Each rank's row keys of `epoch` in the training order, worked out apart from the run."""
+    from dataclasses import asdict
+
+    from pipelines.data.order import chunk_rows, plan_chunks, rank_windows
+    from pipelines.data.shards import read_window_rows
+    from pipelines.data.stream import processed_files
+    from pipelines.train.launch import count_rows
+
+    chunks = plan_chunks(processed_files([corpus_uri]), chunk_rows(count_rows([corpus_uri]), world))
+    window = max(1, job.data.local_shuffle_buffer // max(c.rows for c in chunks))
+    out = []
+    for rank in range(world):
+        windows = rank_windows(chunks, seed=job.run.seed, epoch=epoch, rank=rank, world=world, window=window)
+        batch = {"window": [json.dumps(asdict(w)) for w in windows]}
+        tables = read_window_rows(batch, 64, ("key",), seed=job.run.seed, epoch=epoch)
+        out.append([k for t in tables for k in t.column("key").to_pylist()])
+    return out
+
+
+def logged_rank_rows(run_uri: str, epoch: int, world: int) -> list[list[str]]:
+    """What each rank logged it trained on in `epoch` (RUN/samples/, in step order)."""
+    out = []
+    for rank in range(world):
+        files = storage.list_files(storage.join(run_uri, "samples"), ".txt")
+        mine = sorted(f for f in files if f.rsplit("/", 1)[-1].startswith(f"epoch{epoch:04d}-rank{rank}-"))
+        out.append([k for f in mine for k in storage.read_text(f).split()])
+    return out
+
+
 def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_bucket):
+    """A worker is SIGKILLed mid-epoch; the run restores its latest checkpoint and continues
+    that epoch exactly where the checkpoint left it: every rank trained on precisely its rows of
+    the fixed epoch order, none twice, none skipped."""
     max_steps = 16
     job = tiny_job(
         corpus_uri,
         s3_bucket.uri("runs"),
         "killed",
-        **{"run.max_steps": max_steps, "run.checkpoint_every": 4, "run.max_failures": 2},
+        **{
+            "run.max_steps": max_steps,
+            "run.checkpoint_every": 3,
+            "run.max_failures": 2,
+            "run.log_sample_keys": True,
+        },
     )
     run_uri = s3_bucket.uri("runs", "killed")
     outcome: dict = {}
@@ -147,7 +185,15 @@ def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_b
     assert result.error is None
     state = final_state(run_uri)
     assert state["step"] == max_steps
-    assert len(state["resumed_from"]) >= 1 and state["resumed_from"][0] >= 4
+    assert len(state["resumed_from"]) >= 1 and state["resumed_from"][0] >= 3
+    batch, steps_done = job.data.batch_size, 0
+    for epoch in range(state["epoch"] + 1):
+        expected, logged = expected_rank_rows(corpus_uri, job, epoch, 2), logged_rank_rows(run_uri, epoch, 2)
+        steps_in_epoch = min(max_steps - steps_done, min(len(e) for e in expected) // batch)
+        for rank in range(2):
+            assert logged[rank] == expected[rank][: steps_in_epoch * batch], (epoch, rank)
+        steps_done += steps_in_epoch
+    assert steps_done == max_steps
     steps = [
         float(r.split(",")[0])
         for r in storage.read_text(storage.join(run_uri, "metrics.csv")).splitlines()[1:]
