@@ -1,7 +1,8 @@
-"""`mplug demo`: the main job end to end on the embedded default, on a local Ray instance.
+"""`mplug demo`: the whole pipeline at small size, on a local Ray instance.
 
-synthetic corpus → Ray Data ingest → 2-worker Ray Train pretraining of the tiny model →
-zero-shot image↔text retrieval on the held-out split, printed beside chance.
+synthetic shapes world → Ray Data ingest → 2-worker Ray Train pretraining of mPLUG-tiny →
+zero-shot retrieval beside chance → Ray Tune search over a finetuning task (ASHA, two trials at a
+time) → `mplug evaluate` of the best trial on held-out data beside the task's baseline.
 """
 
 from __future__ import annotations
@@ -11,20 +12,26 @@ import json
 import time
 from pathlib import Path
 
+DEMO_TASKS = ("snli_ve", "vqa", "nlvr2", "retrieval", "grounding", "caption")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="render the synthetic corpus, ingest it, pretrain the tiny model, evaluate retrieval (local)",
+        help="the whole pipeline at small size, locally: synth, ingest, pretrain, tune a finetuning task, evaluate",
     )
     p.add_argument(
         "--output", default="demo_out", help="folder or URI used as object storage for every artefact"
     )
-    p.add_argument("--num-images", type=int, default=3000, help="synthetic scenes (80/10/10 train/val/test)")
+    p.add_argument("--num-images", type=int, default=3000, help="caption scenes (80/10/10 train/val/test)")
+    p.add_argument("--task-images", type=int, default=600, help="images per pool of the finetuning task")
     p.add_argument("--max-steps", type=int, default=300, help="pretraining steps")
     p.add_argument("--batch-size", type=int, default=32, help="per worker")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--task", default="snli_ve", choices=DEMO_TASKS, help="the finetuning task tuned")
+    p.add_argument("--trials", type=int, default=4, help="Tune trials (ASHA stops the weak ones early)")
+    p.add_argument("--trial-epochs", type=int, default=3, help="finetuning epochs of a full trial")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -34,86 +41,141 @@ def _stage(title: str) -> float:
     return time.perf_counter()
 
 
+def _ingest(raw: str, fmt: str, output: str, image_size: int, **options) -> str:
+    from pipelines.data.ingest import IngestConfig, run_ingest
+
+    stats = run_ingest(IngestConfig(input=raw, format=fmt, output=output, image_size=image_size, **options))
+    rejected = {k: v for k, v in stats.get("rejected_by_reason", {}).items() if v}
+    print(f"  {raw.rsplit('/', 1)[-1]}: read {stats['read']}, written {stats['written']}, rejected "
+          f"{stats['rejected']} {rejected or ''} → {output}")  # fmt: skip
+    return output
+
+
 def run(args: argparse.Namespace) -> int:
     import ray
 
+    from jobs.cli import CONFIG_DIR
     from jobs.env_cmd import collect
     from pipelines import storage
     from pipelines.cluster import init_ray
-    from pipelines.data.ingest import IngestConfig, run_ingest
     from pipelines.data.synth import render_corpus
+    from pipelines.data.synth_tasks import render_task_annotations
+    from pipelines.eval.evaluate import evaluate_task, format_result
     from pipelines.eval.retrieval import evaluate_retrieval, format_retrieval
     from pipelines.train.config import load_config
-    from pipelines.train.launch import run_pretraining
+    from pipelines.train.launch import run_training
+    from pipelines.tune.driver import plan_search, run_search
+    from pipelines.tune.space import load_space
 
     out = args.output if "://" in args.output else str(Path(args.output).resolve())
     started = time.perf_counter()
     env = collect(None)
     print("== mplug demo: " + ", ".join(f"{k} {env[k].split()[0]}" for k in ("torch", "ray", "transformers")))
-
     t = _stage("starting a local Ray instance")
     info = init_ray("local")
     print(f"  ready in {time.perf_counter() - t:.1f}s: {info.cpus:g} logical CPUs, {info.gpus:g} GPUs")
+    results: dict = {}
     try:
-        t = _stage(f"rendering the synthetic shapes-world corpus ({args.num_images} scenes)")
+        t = _stage(f"rendering the shapes world: {args.num_images} captioned scenes, {args.task} files")
         raw = render_corpus(
             storage.join(out, "raw"), num=args.num_images, fmt="parquet", seed=args.seed, image_size=96
         )
-        print(f"  {', '.join(f'{s}: {u}' for s, u in raw.items())}  ({time.perf_counter() - t:.1f}s)")
+        task_raw = storage.join(out, "raw_tasks")
+        files = render_task_annotations(
+            task_raw, num=args.task_images, seed=args.seed, image_size=96, tasks=(args.task,)
+        )
+        print(f"  {raw['train']}, {task_raw} ({time.perf_counter() - t:.1f}s)")
 
-        processed = {}
-        for split in ("train", "test"):
-            t = _stage(f"ingesting the {split} split with Ray Data")
-            processed[split] = storage.join(out, "processed", split)
-            stats = run_ingest(
-                IngestConfig(
-                    input=raw[split], format="parquet", output=processed[split], image_size=args.image_size
-                )
-            )
-            print(
-                f"  read {stats['read']}, written {stats['written']}, rejected {stats['rejected']} "
-                f"{ {k: v for k, v in stats.get('rejected_by_reason', {}).items() if v} or '' } ({time.perf_counter() - t:.1f}s) → {processed[split]}"
-            )
+        t = _stage("ingesting with Ray Data")
+        processed = {
+            s: _ingest(raw[s], "parquet", storage.join(out, "processed", s), args.image_size)
+            for s in ("train", "test")
+        }
+        task_data = {
+            s: _ingest(
+                files[args.task][s],
+                "json",
+                storage.join(out, "processed", f"{args.task}_{s}"),
+                args.image_size,
+                image_root=task_raw,
+                dedupe=s == "train",
+            )  # fmt: skip
+            for s in ("train", "val", "test")
+        }
+        print(f"  ({time.perf_counter() - t:.1f}s)")
 
         t = _stage(
             f"pretraining mPLUG-tiny with {args.num_workers} Ray Train workers ({args.max_steps} steps)"
         )
+        runs = storage.join(out, "runs")
         job = load_config(
-            str(Path(__file__).parent / "configs" / "pretrain_tiny.yaml"),
-            {
-                "data.uris": [processed["train"]],
-                "data.batch_size": args.batch_size,
-                "data.image_size": args.image_size,
-                "run.storage": storage.join(out, "runs"),
-                "run.name": "demo-tiny",
-                "run.max_steps": args.max_steps,
-                "run.seed": args.seed,
-                "scaling.num_workers": args.num_workers,
-            },
-        )
-        result = run_pretraining(job)
+            str(CONFIG_DIR / "pretrain_tiny.yaml"),
+            {"data.uris": [processed["train"]], "data.batch_size": args.batch_size, "data.image_size": args.image_size,
+             "run.storage": runs, "run.name": "demo-tiny", "run.max_steps": args.max_steps, "run.seed": args.seed,
+             "scaling.num_workers": args.num_workers},
+        )  # fmt: skip
+        result = run_training(job)
         if result.error is not None:
             print(f"pretraining failed: {result.error}")
             return 1
-        run_uri = storage.join(out, "runs", "demo-tiny")
+        pretrained = storage.join(runs, "demo-tiny", "final")
         print(f"  ({time.perf_counter() - t:.0f}s)")
 
         t = _stage("zero-shot image↔text retrieval on the held-out test split (ITC similarity)")
-        metrics = evaluate_retrieval(storage.join(run_uri, "final"), [processed["test"]])
-        print(format_retrieval(metrics))
-        storage.write_text(storage.join(run_uri, "retrieval_test.json"), json.dumps(metrics, indent=1))
+        results["retrieval"] = evaluate_retrieval(pretrained, [processed["test"]])
+        print(format_retrieval(results["retrieval"]))
+        storage.write_text(
+            storage.join(runs, "demo-tiny", "retrieval_test.json"), json.dumps(results["retrieval"], indent=1)
+        )
+
+        t = _stage(f"Ray Tune: {args.trials} finetuning trials of {args.task}, ASHA, two at a time")
+        base = load_config(
+            str(CONFIG_DIR / f"finetune_{args.task}_tiny.yaml"),
+            {"data.uris": [task_data["train"]], "data.eval_uris": [task_data["val"]], "model.init": pretrained,
+             "run.storage": runs, "run.name": f"tune-{args.task}", "run.epochs": args.trial_epochs,
+             "run.seed": args.seed, "scaling.num_workers": 1, "run.checkpoint_every": 10_000},
+        )  # fmt: skip
+        space = load_space(str(CONFIG_DIR / "tune_tiny.yaml"))
+        plan = plan_search(base, space, storage_uri=runs, name=f"tune-{args.task}", num_samples=args.trials,
+                           max_concurrent=2, scheduler="asha")  # fmt: skip
+        run_search(plan, space)
+        from pipelines.tune.driver import best_trial_model
+
+        best_model = best_trial_model(plan)
+        print(f"  ({time.perf_counter() - t:.0f}s)")
+
+        t = _stage(f"mplug evaluate: the best trial on the held-out {args.task} test split")
+        results["task"] = evaluate_task(
+            args.task, best_model, [task_data["test"]], storage.join(out, "eval", args.task)
+        )
+        print(format_result(results["task"]))
     finally:
         ray.shutdown()
 
-    print(f"\n== demo finished in {(time.perf_counter() - started) / 60:.1f} min. Artefacts:")
+    print(f"\n== demo finished in {(time.perf_counter() - started) / 60:.1f} min")
+    r, m = results["retrieval"], results["task"]
+    print(f"  pretraining  zero-shot retrieval R@5 i2t {r['i2t_r5']:.1f} / t2i {r['t2i_r5']:.1f}   "
+          f"(chance {r['chance_i2t_r5']:.1f} / {r['chance_t2i_r5']:.1f})")  # fmt: skip
+    primary = m["primary_metric"]
+    beside = m["baseline"].get(primary)
+    print(f"  {args.task:<12} {primary} {m['metrics'][primary]:.2f} on the test split"
+          + (f"   (baseline {beside:.2f})" if isinstance(beside, int | float) else ""))  # fmt: skip
+    print("  artefacts:")
     for label, where in (
-        ("raw corpus", storage.join(out, "raw")),
+        ("raw corpora", f"{storage.join(out, 'raw')}, {task_raw}"),
         ("processed shards", storage.join(out, "processed")),
         ("ingest stats/rejects", storage.join(out, "processed", "train", "stats.json")),
-        ("checkpoints", run_uri),
-        ("final model", storage.join(run_uri, "final")),
-        ("curves", storage.join(run_uri, "curves.png")),
-        ("retrieval", storage.join(run_uri, "retrieval_test.json")),
+        (
+            "pretraining run",
+            storage.join(runs, "demo-tiny") + " (checkpoints, metrics.csv, curves.png, final/)",
+        ),
+        ("zero-shot retrieval", storage.join(runs, "demo-tiny", "retrieval_test.json")),
+        (
+            "search",
+            storage.join(runs, f"tune-{args.task}")
+            + " (results.csv, best.yaml, search.png, a run per trial)",
+        ),
+        ("evaluation", storage.join(out, "eval", args.task) + " (metrics.json, predictions.parquet)"),
     ):
-        print(f"  {label:<20} {where}")
+        print(f"    {label:<20} {where}")
     return 0

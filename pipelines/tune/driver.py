@@ -419,3 +419,16 @@ def summary(plan: SearchPlan, rows: list[dict], elapsed_s: float) -> str:
         ]
     lines.append(f"  results      {storage.join(plan.uri, 'results.csv')}, best.yaml, search.png")
     return "\n".join(lines)
+
+
+def best_trial_model(plan: SearchPlan) -> str:
+    """`final/` of the search's best trial (from its results.csv)."""
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(plan.uri, "results.csv")))))
+    key = "best_" + plan.metric
+    scored = [r for r in rows if r.get(key) not in (None, "", "nan")]
+    if not scored:
+        raise ValueError(
+            f"search {plan.name!r} has no trial with a {plan.metric}: see {plan.uri}/results.csv"
+        )
+    best = (max if plan.mode == "max" else min)(scored, key=lambda r: float(r[key]))
+    return storage.join(plan.uri, best["trial"], "final")
