@@ -239,6 +239,11 @@ def objects(values: list) -> np.ndarray:
     return out
 
 
+def _values(value) -> list:
+    """A list column's value as a list: Ray Data hands numpy arrays, Python callers lists, None for null."""
+    return [] if value is None else list(value)
+
+
 def _text_list(value) -> list[str]:
     """A list column's value (numpy array, list or None) as a list of str."""
     if value is None:
@@ -278,7 +283,7 @@ class VQATransform:
     def _answers(self, row: dict) -> tuple[list[str], list[float]]:
         answers, weights = (
             _text_list(row.get("answers")),
-            [float(w) for w in list(row.get("answer_weights") or [])],
+            [float(w) for w in _values(row.get("answer_weights"))],
         )
         if len(weights) != len(answers):
             weights = [1.0 / len(answers)] * len(answers) if answers else []

@@ -237,10 +237,11 @@ def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
         ray.get_runtime_context().gcs_address,
     ]
     run_uri = storage.join(storage_uri, "relaunch")
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    log = tmp_path / "first.log"  # a file, not a pipe: a full pipe nobody reads would stall the driver
+    first = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while not registered_checkpoints(run_uri):
-        assert first.poll() is None, first.stdout.read().decode()[-3000:]
+        assert first.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no first checkpoint"
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)

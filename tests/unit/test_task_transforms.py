@@ -53,13 +53,20 @@ def test_vqa_rows_weigh_answers_by_votes_and_single_sources_as_configured() -> N
         "key": objects(["q1", "q2"]),
         "image": objects([_png(), _png()]),
         "question": objects(["what color is it", "what shape"]),
-        "answers": objects([["red", "blue", "green", "pink"], ["circle"]]),
-        "answer_weights": objects([[0.4, 0.3, 0.2, 0.1], [1.0]]),
+        # List columns arrive from Ray Data as numpy arrays.
+        "answers": objects(
+            [np.array(["red", "blue", "green", "pink"], dtype=object), np.array(["circle"], dtype=object)]
+        ),
+        "answer_weights": objects(
+            [np.array([0.4, 0.3, 0.2, 0.1], dtype=np.float32), np.array([1.0], dtype=np.float32)]
+        ),
         "raw_answers": objects([["red"] * 4 + ["blue"] * 3 + ["green"] * 2 + ["pink"], ["circle"]]),
     }
     out = train(batch)
     assert out["answer_ids"].shape == (2, 3, 6) and out["answer_weights"].dtype == np.float32
-    np.testing.assert_allclose(out["answer_weights"], [[0.4, 0.3, 0.2], [0.5, 0.0, 0.0]])  # top 3; VG-style 0.5
+    np.testing.assert_allclose(
+        out["answer_weights"], [[0.4, 0.3, 0.2], [0.5, 0.0, 0.0]]
+    )  # top 3; VG-style 0.5
     assert [_decode(out["answer_ids"][0, i]) for i in range(3)] == ["red", "blue", "green"]
 
 
@@ -85,28 +92,58 @@ def test_grounding_box_stays_on_its_object_through_crop_flip_and_letterbox() -> 
     for _ in range(20):
         out = udf(rows)
         cx, cy, w, h = out["boxes"][0] * 48
-        assert np.all(_pixel(out["image"][0], cx, cy) > [180, -10, -10]) and _pixel(out["image"][0], cx, cy)[1] < 80
+        assert (
+            np.all(_pixel(out["image"][0], cx, cy) > [180, -10, -10])
+            and _pixel(out["image"][0], cx, cy)[1] < 80
+        )
         sides.add(_decode(out["text_ids"][0]).split()[-1])
-    assert sides == {"left", "right"}  # flipped rows say "left": the box moved with the mirror (checked above)
+    assert sides == {
+        "left",
+        "right",
+    }  # flipped rows say "left": the box moved with the mirror (checked above)
     ev = GroundingTransform(image_size=48, max_text_len=10, train=False)(rows)
     np.testing.assert_allclose(ev["gt_box"][0], [100, 20, 40, 32])  # original pixels (2× the stored image)
     np.testing.assert_allclose(ev["frame"][0], [0, 0, 48 / 80])  # top-left placement, resized 48/80
     np.testing.assert_allclose(ev["orig_size"][0], [160, 120])
 
 
+def _gradient_png(horizontal: bool) -> bytes:
+    ramp = np.linspace(0, 255, 32, dtype=np.uint8)
+    pixels = np.tile(ramp[None, :] if horizontal else ramp[:, None], (32, 1) if horizontal else (1, 32))
+    buf = io.BytesIO()
+    Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _left_to_right(image: np.ndarray) -> float:
+    """How much the column means rise from the left edge to the right one (normalised units):
+    about +3.7 for the horizontal ramp, -3.7 mirrored, near 0 for the vertical one."""
+    columns = image.mean(axis=(0, 1))
+    return float(np.polyfit(np.linspace(0, 1, columns.size), columns, 1)[0])
+
+
 def test_image_pairs_flip_together_with_their_statement() -> None:
-    red, blue = _png(colour=(230, 20, 20)), _png(colour=(20, 20, 230))
-    udf = ClassificationTransform(image_size=16, max_text_len=12, labels=("false", "true"), num_images=2, train=True, seed=1)
+    # The left image rises left→right; the right one top→bottom (flat across x). RandAugment's
+    # ops keep a ramp's direction (monotone colour maps, small shears), a flip reverses it.
+    rising, flat = _gradient_png(horizontal=True), _gradient_png(horizontal=False)
+    udf = ClassificationTransform(
+        image_size=16, max_text_len=12, labels=("false", "true"), num_images=2, train=True, seed=1
+    )
     seen = set()
     for _ in range(12):
-        out = udf({"key": objects(["p"]), "image": objects([red]), "images": objects([[red, blue]]),
-                   "caption": objects(["the left image is red"]), "label": objects(["True"])})  # fmt: skip
+        out = udf({"key": objects(["p"]), "image": objects([rising]), "images": objects([[rising, flat]]),
+                   "caption": objects(["the left image rises"]), "label": objects(["True"])})  # fmt: skip
         side = _decode(out["input_ids"][0]).split()[1]
-        reddest = int(np.argmax([out["image"][0, i, 0].mean() for i in range(2)]))
-        assert (side, reddest) in {("left", 0), ("right", 1)}  # still true after the flip
+        slope = [_left_to_right(out["image"][0, i]) for i in range(2)]
+        ramp = int(np.argmax(np.abs(slope)))  # the horizontal ramp's slot
+        if side == "left":  # not flipped: the rising image first, still rising
+            assert ramp == 0 and slope[0] > 0.5, slope
+        else:  # flipped: both mirrored and swapped, so the statement reads true again
+            assert side == "right" and ramp == 1 and slope[1] < -0.5, slope
         assert out["label"][0] == 1
         seen.add(side)
     assert seen == {"left", "right"}
+    red, blue = _png(colour=(230, 20, 20)), _png(colour=(20, 20, 230))
     with pytest.raises(ValueError, match="not one of"):
         udf({"key": objects(["p"]), "image": objects([red]), "images": objects([[red, blue]]),
              "caption": objects(["x"]), "label": objects(["maybe"])})  # fmt: skip
