@@ -647,3 +647,35 @@ def load_official_checkpoint(model: nn.Module, uri: Source) -> LoadReport:
     where = _describe(uri)
     source = _normalised(read_state_dict(uri), _official_rename, where)
     return _filter_and_load(model, source, _official_key_map(model, source, where), where, _OFFICIAL_LAYOUT)
+
+
+# ---- our own runs ---------------------------------------------------------------------------
+_QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr")
+
+
+def load_mplug_checkpoint(model: nn.Module, uri: Source) -> LoadReport:
+    """Load a state dict in this library's own layout (a run's `final/model.safetensors` or a
+    `checkpoint_*`) into a model of any task: keys the model has load (a position table of
+    another grid is resampled: finetuning at a new resolution); towers and heads it does not
+    have are ignored ("not used by this task's model"); the ITC queues of another length (a
+    retrieval model's queue after pretraining without one) are ignored with that reason, the
+    model keeping its own fresh queue; anything else that does not fit is an error naming it."""
+    where = _describe(uri)
+    raw = read_state_dict(uri)
+    source = {k: (k, v) for k, v in raw.items()}
+    ours = model.state_dict()
+    queue_sizes_differ = any(
+        k in ours and k in ("image_queue", "text_queue", "idx_queue") and ours[k].shape != v.shape
+        for k, v in raw.items()
+    )
+
+    def key_map(key: str) -> tuple[str, ...] | Ignore:
+        if key.endswith("position_ids"):
+            return Ignore("position-id buffer")
+        if queue_sizes_differ and key in _QUEUES:
+            return Ignore("ITC queue of another length than this model's (it keeps its own)")
+        return (key,)
+
+    return _filter_and_load(
+        model, source, key_map, where, "mplug's own layout (save_pretrained / checkpoints)"
+    )

@@ -13,11 +13,9 @@ loaded, ignored with a logged reason, or an error naming it.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
 
 from pipelines import storage
@@ -109,59 +107,9 @@ def load_initial_weights(model: nn.Module, section: ModelSection) -> list[str]:
 
 
 # ---- our own runs -----------------------------------------------------------------------------
-def load_run_weights(model: nn.Module, folder_uri: str) -> str:
-    """Load a folder of ours (`final/` or `checkpoint_*`) into a model of any task.
+def load_run_weights(model: nn.Module, folder_uri: str):
+    """A folder of ours (`final/` or `checkpoint_*`) into a model of any task, through the one
+    checkpoint filter (`mplug.official.load_mplug_checkpoint`)."""
+    from mplug import official
 
-    Keys both have are loaded (a position table of another grid is resampled: finetuning at a
-    new resolution); source keys this model has no place for are ignored and logged per
-    module ("not used by this task's model": the pretraining heads under a VQA model); model
-    keys the source lacks keep their init (a new task head) and are logged; any other shape
-    difference is an error naming the key."""
-    from safetensors.torch import load as load_safetensors
-
-    from mplug.vision import resize_pos_embed
-
-    source = load_safetensors(storage.read_bytes(storage.join(folder_uri, MODEL_FILE)))
-    ours = model.state_dict()
-    loaded: dict[str, torch.Tensor] = {}
-    unused: list[str] = []
-    for key, value in source.items():
-        if key not in ours:
-            unused.append(key)
-            continue
-        target = ours[key]
-        if key.endswith("pos_embed") and value.shape != target.shape:
-            grid = int(round((target.shape[1] - 1) ** 0.5))
-            value = resize_pos_embed(value.float(), (grid, grid))
-        elif key.endswith(("image_queue", "text_queue", "idx_queue")) and value.shape != target.shape:
-            log.info(
-                "ignoring %s: queue %s does not fit this model's %s",
-                key,
-                tuple(value.shape),
-                tuple(target.shape),
-            )
-            continue
-        if value.shape != target.shape:
-            raise ValueError(
-                f"{folder_uri}: {key} has shape {tuple(value.shape)} but this model's is {tuple(target.shape)}"
-            )
-        loaded[key] = value.to(target.dtype)
-    model.load_state_dict(loaded, strict=False)
-    if hasattr(model, "sync_momentum") and not any(re.match(r"^\w+_m\.", k) for k in loaded):
-        model.sync_momentum()  # the source had no momentum copies: start them from the online weights
-    left = [k for k in ours if k not in loaded]
-    for what, keys in (("not used by this task's model", unused), ("not in the source, left at init", left)):
-        for module, count in _by_module(keys).items():
-            log.info("%s: %d keys of %s %s", folder_uri, count, module, what)
-    return (
-        f"{len(loaded)} tensors loaded, {len(unused)} not used by this model "
-        f"({', '.join(_by_module(unused)) or 'none'}), {len(left)} left at init ({', '.join(_by_module(left)) or 'none'})"
-    )
-
-
-def _by_module(keys: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for key in keys:
-        module = key.split(".", 1)[0]
-        counts[module] = counts.get(module, 0) + 1
-    return counts
+    return official.load_mplug_checkpoint(model, storage.join(folder_uri, MODEL_FILE))

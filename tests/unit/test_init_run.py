@@ -1,0 +1,58 @@
+"""`model.init` from a run of ours: a pretraining export into a finetuning task's model, values
+checked key by key; position tables resampled to the finetuning resolution; the sources a
+config names are resolved (run folder, final/, checkpoint_*, official .pth) or refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mplug import MPlugConfig, MPlugForPretraining
+from mplug.vision import resize_pos_embed
+from mplug.vqa import MPlugForQuestionAnswering
+from pipelines.train.config import ModelSection
+from pipelines.train.init import check_sources, load_initial_weights, resolve_init
+
+pytestmark = pytest.mark.unit
+
+
+def _cfg(**overrides) -> MPlugConfig:
+    return MPlugConfig.preset("tiny", queue_size=8, text_config={"vocab_size": 1024}, **overrides)
+
+
+@pytest.fixture
+def pretrained_run(tmp_path):
+    torch.manual_seed(0)
+    model = MPlugForPretraining(_cfg())
+    model.save_pretrained(tmp_path / "run" / "final")
+    return tmp_path / "run", model
+
+
+def test_a_pretraining_export_initialises_a_vqa_model_at_another_resolution(pretrained_run) -> None:
+    run, source = pretrained_run
+    torch.manual_seed(1)
+    target = MPlugForQuestionAnswering(_cfg(image_size=96))  # finetuning at 96 px, pretrained at 64
+    lines = load_initial_weights(target, ModelSection(init=str(run)))
+    assert len(lines) == 1 and "a run of ours" in lines[0] and "not used by this task's model" in lines[0]
+    ours, theirs = target.state_dict(), source.state_dict()
+    for key in ("text_encoder.layer.0.attention.self.query.weight", "fusion_encoder.layer.1.output.dense.bias",
+                "text_decoder.layer.1.crossattention.self.key.weight", "visual_encoder.blocks.0.attn.qkv.weight"):  # fmt: skip
+        torch.testing.assert_close(ours[key], theirs[key], msg=key)
+    assert ours["visual_encoder.pos_embed"].shape == (1, 1 + 12 * 12, 128)
+    torch.testing.assert_close(
+        ours["visual_encoder.pos_embed"], resize_pos_embed(theirs["visual_encoder.pos_embed"], (12, 12))
+    )
+
+
+def test_sources_resolve_or_are_refused_by_name(pretrained_run, tmp_path) -> None:
+    run, _ = pretrained_run
+    assert resolve_init(str(run)).uri.endswith("final")  # a run folder: its final/
+    assert resolve_init(str(run / "final")).kind == "run"
+    official = tmp_path / "mplug_base.pth"
+    torch.save({"model": {}}, official)
+    assert resolve_init(str(official)).kind == "official"
+    with pytest.raises(FileNotFoundError, match="neither an official checkpoint"):
+        resolve_init(str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="init_text"):
+        check_sources(ModelSection(init_text=str(tmp_path)))
+    assert check_sources(ModelSection()) == []
