@@ -41,7 +41,12 @@ def init_ray(address: str | None = None, *, quiet: bool = False, num_cpus: int |
     if quiet:
         kwargs["logging_level"] = logging.WARNING
     if address in (None, "local"):
-        ray.init(num_cpus=num_cpus or local_logical_cpus(), include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(
+            num_cpus=num_cpus or local_logical_cpus(),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            **kwargs,
+        )
         return _info(ray, local=True)
     ray.init(address=address, **kwargs)
     return _info(ray, local=False)

@@ -40,7 +40,9 @@ def numpy_batch(rows: list[dict], columns: tuple[str, ...]) -> dict[str, np.ndar
     return {c: objects([r.get(c) for r in rows]) for c in columns}
 
 
-def batches(task: Task, rows: list[dict], batch_size: int, train: bool, seed: int = 0, drop_last: bool = True):
+def batches(
+    task: Task, rows: list[dict], batch_size: int, train: bool, seed: int = 0, drop_last: bool = True
+):
     """Transformed, collated batches of `rows` (shuffled per call when training)."""
     transform = task.transform(train=train).build()
     order = np.random.default_rng(seed).permutation(len(rows)) if train else np.arange(len(rows))
@@ -50,7 +52,9 @@ def batches(task: Task, rows: list[dict], batch_size: int, train: bool, seed: in
         yield collate_rows(transform(numpy_batch(part, task.columns)))
 
 
-def finetune(task: Task, model, rows: list[dict], *, epochs: int, batch_size: int, seed: int = 0) -> list[float]:
+def finetune(
+    task: Task, model, rows: list[dict], *, epochs: int, batch_size: int, seed: int = 0
+) -> list[float]:
     """Train `model` on `rows` with the task's step and the job's optimizer; the mean loss per epoch."""
     from pipelines.train.optim import build_job_optimizer
 
@@ -62,7 +66,9 @@ def finetune(task: Task, model, rows: list[dict], *, epochs: int, batch_size: in
         total = 0.0
         for batch in batches(task, rows, batch_size, train=True, seed=seed * 1000 + epoch):
             ctx = StepContext(step, epoch, steps_per_epoch)
-            result = train_step(model, task, [batch], optimizer, scheduler, ctx, grad_clip=task.job.optim.grad_clip)
+            result = train_step(
+                model, task, [batch], optimizer, scheduler, ctx, grad_clip=task.job.optim.grad_clip
+            )
             total += float(result.values["loss"])
             step += 1
         losses.append(total / steps_per_epoch)

@@ -238,7 +238,8 @@ def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
     ]
     run_uri = storage.join(storage_uri, "relaunch")
     log = tmp_path / "first.log"  # a file, not a pipe: a full pipe nobody reads would stall the driver
-    first = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log, "wb") as sink:
+        first = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while not registered_checkpoints(run_uri):
         assert first.poll() is None, log.read_text()[-3000:]

@@ -62,7 +62,9 @@ def test_vqa_answer_ranking_prefers_the_likeliest_answer() -> None:
     nll = sequence_nll(model.text_decoder, candidates, mask, memory.expand(6, -1, -1), mmask.expand(6, -1))
     # The official score adds the first token's log-prob again; the best answer under it:
     start = torch.full((1, 1), model.config.cls_token_id)
-    first = model.text_decoder.logits(model.text_decoder(start, torch.ones_like(start), memory, mmask)[0][:, 0])
+    first = model.text_decoder.logits(
+        model.text_decoder(start, torch.ones_like(start), memory, mmask)[0][:, 0]
+    )
     score = first.log_softmax(-1)[0, candidates[:, 1]] - nll
     assert int(top[0, 0]) == int(score.argmax())
 
@@ -82,12 +84,16 @@ def test_caption_scst_pushes_up_captions_above_the_mean_reward() -> None:
     from mplug.caption import token_log_probs
 
     memory, mmask = model.visual_memory(images)
-    after = token_log_probs(model.text_decoder, seqs, mask, memory.expand(2, -1, -1), mmask.expand(2, -1)).sum(1)
+    after = token_log_probs(
+        model.text_decoder, seqs, mask, memory.expand(2, -1, -1), mmask.expand(2, -1)
+    ).sum(1)
     model.zero_grad()
     torch.manual_seed(0)
     fresh = MPlugForCaptioning(_cfg())
     memory, mmask = fresh.visual_memory(images)
-    before = token_log_probs(fresh.text_decoder, seqs, mask, memory.expand(2, -1, -1), mmask.expand(2, -1)).sum(1)
+    before = token_log_probs(
+        fresh.text_decoder, seqs, mask, memory.expand(2, -1, -1), mmask.expand(2, -1)
+    ).sum(1)
     assert after[0] > before[0] and after[1] < before[1]
     assert float(model(images, seqs, mask, rewards=torch.tensor([[0.5, 0.5]])).loss) == 0.0  # no advantage
 
@@ -98,7 +104,9 @@ def test_grounding_boxes_are_bin_tokens_and_decoding_stays_in_the_bins() -> None
     assert model.num_bins == 65  # image_size + 1, as the official 337 at 336 px
     boxes = torch.tensor([[0.0, 0.5, 1.0, 0.25]])
     tokens = model.boxes_to_tokens(boxes)
-    assert tokens.tolist() == [[FIRST_BIN_TOKEN_ID, FIRST_BIN_TOKEN_ID + 32, FIRST_BIN_TOKEN_ID + 64, FIRST_BIN_TOKEN_ID + 16]]
+    assert tokens.tolist() == [
+        [FIRST_BIN_TOKEN_ID, FIRST_BIN_TOKEN_ID + 32, FIRST_BIN_TOKEN_ID + 64, FIRST_BIN_TOKEN_ID + 16]
+    ]
     torch.testing.assert_close(model.tokens_to_boxes(tokens), boxes)
     x = model.example_inputs(3)
     pred = model.predict_boxes(x["images"], x["input_ids"], x["attention_mask"])
