@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="Ray cluster address; default $RAY_ADDRESS, else a local instance")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-actors", type=int, help="model actors (default: one per GPU, else 2)")
     p.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None,
@@ -61,7 +62,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from pipelines.train.config import parse_set_args
 
     result = evaluate_task(args.task, args.model, args.data, args.output, overrides=parse_set_args(args.set),
-                           batch_size=args.batch_size, num_actors=args.num_actors, use_gpu=args.use_gpu)  # fmt: skip
+                           batch_size=args.batch_size, num_actors=args.num_actors, use_gpu=args.use_gpu,
+                           address=args.address)  # fmt: skip
     print(format_result(result))
     print(f"  outputs {args.output}/metrics.json, predictions.parquet")
     return 0
@@ -73,6 +75,6 @@ def run_infer(args: argparse.Namespace) -> int:
 
     stats = infer(args.task, args.model, args.input, args.output, question=args.question,
                   overrides=parse_set_args(args.set), batch_size=args.batch_size, num_actors=args.num_actors,
-                  use_gpu=args.use_gpu)  # fmt: skip
+                  use_gpu=args.use_gpu, address=args.address)  # fmt: skip
     print(json.dumps(stats, indent=1))
     return 0

@@ -127,6 +127,7 @@ def evaluate_task(
     batch_size: int = 32,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Predict, score, write the outputs; returns what metrics.json holds."""
     from pipelines.cluster import init_ray
@@ -134,7 +135,7 @@ def evaluate_task(
     started = time.perf_counter()
     overrides = dict(overrides or {})
     task = build_eval_task(task_name, model_uri, overrides)
-    init_ray()
+    init_ray(address)
     resources = eval_resources(num_actors, use_gpu)
     setup = task.eval_setup(data_uris)
     predictions = predict_dataset(

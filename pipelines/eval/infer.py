@@ -181,6 +181,7 @@ def run_infer(
     batch_size: int = 16,
     num_actors: int | None = None,
     use_gpu: bool | None = None,
+    address: str | None = None,
 ) -> dict:
     """Predict for every usable image of the input; returns the stats also in OUTPUT/stats.json."""
     import ray
@@ -192,7 +193,7 @@ def run_infer(
         raise ValueError(f"--task {task_name!r}: batch inference covers caption and vqa")
     build_eval_task(task_name, model_uri, overrides)  # the model folder and options are valid
     started = time.perf_counter()
-    init_ray()
+    init_ray(address)
     units = list_units(input_uri)
     resources = eval_resources(num_actors, use_gpu)
     items = [{"item": json.dumps(asdict(u))} for u in units]
