@@ -1,0 +1,97 @@
+"""How far each finetuning task of mPLUG-tiny gets past its model-free baseline on held-out
+shapes-world data, after a short pretraining: the measurement the learning tests are sized from.
+
+In-process, one thread pool, no Ray (the same ingest processing, row transforms, `train_step`,
+`predict` and `score` the Ray jobs run; `tests/finetune.py`): pretrain on the caption pool's train
+split, then finetune each task from that model with its `finetune_{task}_tiny.yaml` and score the
+test split beside `task_baselines` (fitted on train). Prints one JSON line per task.
+
+    .venv/bin/python -m benchmarks.finetune_learning --num 300 --pretrain-steps 150 --epochs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+TASK_NAMES = ("vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve")
+
+
+def _task(name: str, config: str, overrides: dict):
+    from pipelines.tasks import task_class
+    from pipelines.train.config import load_config
+    from pipelines.train.launch import build_model_config
+
+    job = load_config(config, overrides)
+    return task_class(name)(job, build_model_config(job))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num", type=int, default=300, help="images per pool (80/10/10 split)")
+    parser.add_argument("--pretrain-steps", type=int, default=150)
+    parser.add_argument("--epochs", type=int, default=5, help="finetuning epochs per task")
+    parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every finetuning task, e.g. optim.lr=1e-3")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workdir", help="keep the data and the pretrained model here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from pipelines.data.synth_tasks import render_task_annotations, task_baselines
+    from pipelines.tasks.base import EvalSetup
+    from pipelines.train.config import parse_set_args
+    from pipelines.train.init import load_run_weights
+    from tests import finetune as ft
+
+    work = args.workdir or tempfile.mkdtemp(prefix="mplug-learning-")
+    root = os.path.join(work, "data")
+    started = time.perf_counter()
+    files = render_task_annotations(root, num=args.num, seed=1, image_size=64)
+    baselines = task_baselines(root, tasks=args.tasks)
+    print(json.dumps({"stage": "render", "seconds": round(time.perf_counter() - started, 1)}), flush=True)
+
+    started = time.perf_counter()
+    rows = ft.processed_rows(files["caption"]["train"], root)
+    pretrain = _task("pretrain", "jobs/configs/pretrain_tiny.yaml", {})
+    torch.manual_seed(0)
+    model = pretrain.build_model()
+    epochs = max(1, round(args.pretrain_steps * pretrain.job.data.batch_size / len(rows)))
+    losses = ft.finetune(pretrain, model, rows, epochs=epochs, batch_size=pretrain.job.data.batch_size)
+    final = ft.save_run(model, os.path.join(work, "pretrain"))
+    print(json.dumps({"stage": "pretrain", "rows": len(rows), "epochs": epochs,
+                      "loss_per_epoch": [round(x, 3) for x in losses],
+                      "seconds": round(time.perf_counter() - started, 1)}), flush=True)  # fmt: skip
+
+    overrides = parse_set_args(args.set)
+    for name in args.tasks:
+        started = time.perf_counter()
+        task = _task(name, f"jobs/configs/finetune_{name}_tiny.yaml", {"model.init": final, **overrides})
+        train = ft.processed_rows(files[name]["train"], root)
+        test = ft.processed_rows(files[name]["test"], root)
+        torch.manual_seed(0)
+        model = task.build_model()
+        load_run_weights(model, final)
+        losses = ft.finetune(task, model, train, epochs=args.epochs, batch_size=task.job.data.batch_size)
+        train_s = time.perf_counter() - started
+        setup = None
+        if name == "caption":  # one prediction per image, scored against all its references
+            setup = EvalSetup(keys=ft.first_keys(test), references=ft.references_of(test))
+        metrics, _, _ = ft.evaluate(task, model, test, setup)
+        print(json.dumps({
+            "task": name, "train_rows": len(train), "test_rows": len(test), "epochs": args.epochs,
+            "loss_per_epoch": [round(x, 3) for x in losses], "train_s": round(train_s, 1),
+            "primary": {task.primary_metric: round(metrics[task.primary_metric], 2)},
+            "metrics": {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)},
+            "baselines": {k: round(v, 2) for k, v in baselines.get(name, {}).items() if "/" not in k},
+        }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
