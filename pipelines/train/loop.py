@@ -140,6 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
     eval_shard = ray.train.get_dataset_shard("eval") if plan.eval_rows else None
     meter, window, window_steps = StepMeter(), {}, 0
     latest_eval: dict[str, float] = {}  # carried in every later report (not in the history)
+    exported = False  # final/ written (at the last step, before its report)
     if eval_shard is not None and job.run.eval_at_start:
         row = {"step": float(state.step), "epoch": float(state.epoch)}
         latest_eval = _evaluate(model, task, eval_shard, job, device, rank)
@@ -200,6 +201,11 @@ def train_loop_per_worker(config: dict) -> None:
                 state.history.append(row)
                 if rank == 0:
                     log.info("[mplug] " + format_step_line(row, plan.total_steps))
+                if final:
+                    # Export before the last report: a Tune scheduler that sees the run reach its
+                    # time budget (ASHA's max_t) stops the trial on that report, before the loop ends.
+                    _export_final(model, state, plan, rank)
+                    exported = True
                 _report(model, optimizer, scheduler, state, rank, {**latest_eval, **row}, plan, checkpoint=True,
                         samples=samples)  # fmt: skip
             if final:
@@ -220,7 +226,8 @@ def train_loop_per_worker(config: dict) -> None:
             state.history.append(row)
             _report(model, optimizer, scheduler, state, rank, row, plan, checkpoint=False)
 
-    _export_final(model, state, plan, rank)
+    if not exported:
+        _export_final(model, state, plan, rank)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

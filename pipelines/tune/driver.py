@@ -431,4 +431,10 @@ def best_trial_model(plan: SearchPlan) -> str:
             f"search {plan.name!r} has no trial with a {plan.metric}: see {plan.uri}/results.csv"
         )
     best = (max if plan.mode == "max" else min)(scored, key=lambda r: float(r[key]))
-    return storage.join(plan.uri, best["trial"], "final")
+    final = storage.join(plan.uri, best["trial"], "final")
+    if not storage.exists(storage.join(final, "config.json")):
+        raise FileNotFoundError(
+            f"best trial {best['trial']} of search {plan.name!r} ({best.get('status')}) exported no model "
+            f"at {final}: a trial stopped early keeps only its checkpoints; train best.yaml in full"
+        )
+    return final

@@ -120,6 +120,11 @@ def test_search_survives_its_driver_and_leaves_nothing_behind(vqa_search_inputs,
     )
     status = [r[header.index("status")] for r in rows]
     assert "stopped early" in status and "error" not in status, results
+    # A trial that ran all its epochs exported its model, though Tune stops it on its last report.
+    for row in rows:
+        if row[header.index("status")] == "finished":
+            trial = row[header.index("trial")]
+            assert storage.exists(storage.join(storage_uri, "search", trial, "final", "config.json")), trial
     finished_after = _finished_trials(storage_uri)
     for trial, started in finished_before.items():  # finished before the kill: not run again
         assert finished_after[trial] == started
