@@ -86,7 +86,7 @@ def main() -> None:
         # augmentation seeds), with 1, 2, ... concurrent transform tasks on a local Ray that
         # advertises `--logical-cpus` (more than the cores, as the launcher's local instances).
         from pipelines.data.order import plan_chunks, rank_windows
-        from pipelines.data.stream import processed_files, rank_epoch_dataset
+        from pipelines.data.stream import collate_rows, processed_files, rank_epoch_dataset
         from pipelines.data.transforms import Transform
 
         init_ray("local", num_cpus=args.logical_cpus)
@@ -102,7 +102,10 @@ def main() -> None:
                 ds = rank_epoch_dataset(windows, transform, columns=("key", "image", "caption"), seed=0,
                                         epoch=epoch, batch_size=args.batch_size, transform_tasks=tasks)  # fmt: skip
                 t0, n = time.perf_counter(), 0
-                for batch in ds.iter_torch_batches(batch_size=args.batch_size, drop_last=True):
+                # As the training loop reads it: rows mix tensors and string ids (collate_rows).
+                for batch in ds.iter_torch_batches(
+                    batch_size=args.batch_size, drop_last=True, collate_fn=collate_rows
+                ):
                     assert batch["image"].shape == (args.batch_size, 3, args.image_size, args.image_size)
                     n += 1
                 rate = n * args.batch_size / (time.perf_counter() - t0)
