@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every finetuning task, e.g. optim.lr=1e-3")  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--workdir", help="keep the data and the pretrained model here")
+    parser.add_argument("--workdir", help="keep the data and the pretrained model here (reused when there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -57,17 +57,21 @@ def main() -> None:
     baselines = task_baselines(root, tasks=args.tasks)
     print(json.dumps({"stage": "render", "seconds": round(time.perf_counter() - started, 1)}), flush=True)
 
-    started = time.perf_counter()
-    rows = ft.processed_rows(files["caption"]["train"], root)
-    pretrain = _task("pretrain", "jobs/configs/pretrain_tiny.yaml", {})
-    torch.manual_seed(0)
-    model = pretrain.build_model()
-    epochs = max(1, round(args.pretrain_steps * pretrain.job.data.batch_size / len(rows)))
-    losses = ft.finetune(pretrain, model, rows, epochs=epochs, batch_size=pretrain.job.data.batch_size)
-    final = ft.save_run(model, os.path.join(work, "pretrain"))
-    print(json.dumps({"stage": "pretrain", "rows": len(rows), "epochs": epochs,
-                      "loss_per_epoch": [round(x, 3) for x in losses],
-                      "seconds": round(time.perf_counter() - started, 1)}), flush=True)  # fmt: skip
+    final = os.path.join(work, "pretrain", "final")
+    if os.path.exists(os.path.join(final, "config.json")):  # a kept --workdir: finetune the same model again
+        print(json.dumps({"stage": "pretrain", "reused": final}), flush=True)
+    else:
+        started = time.perf_counter()
+        rows = ft.processed_rows(files["caption"]["train"], root)
+        pretrain = _task("pretrain", "jobs/configs/pretrain_tiny.yaml", {})
+        torch.manual_seed(0)
+        model = pretrain.build_model()
+        epochs = max(1, round(args.pretrain_steps * pretrain.job.data.batch_size / len(rows)))
+        losses = ft.finetune(pretrain, model, rows, epochs=epochs, batch_size=pretrain.job.data.batch_size)
+        final = ft.save_run(model, os.path.join(work, "pretrain"))
+        print(json.dumps({"stage": "pretrain", "rows": len(rows), "epochs": epochs,
+                          "loss_per_epoch": [round(x, 3) for x in losses],
+                          "seconds": round(time.perf_counter() - started, 1)}), flush=True)  # fmt: skip
 
     overrides = parse_set_args(args.set)
     for name in args.tasks:
