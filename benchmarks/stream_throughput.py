@@ -94,23 +94,28 @@ def main() -> None:
         chunks = plan_chunks(processed_files([os.path.join(work, "out")]))
         transform = Transform.of(ImageTextTransform, image_size=args.image_size, max_text_len=args.max_text_len,
                                  train=True, include_key=False)  # fmt: skip
-        rates = {}
+        rates, consumer_cores = {}, {}
         for tasks in args.tasks:
             # Epoch 0 warms the task workers (imports, tokenizer load, cached transform); epoch 1 is measured.
             for epoch in range(2):
                 windows = rank_windows(chunks, seed=0, epoch=epoch, rank=0, world=1, window=4)
                 ds = rank_epoch_dataset(windows, transform, columns=("key", "image", "caption"), seed=0,
                                         epoch=epoch, batch_size=args.batch_size, transform_tasks=tasks)  # fmt: skip
-                t0, n = time.perf_counter(), 0
+                t0, c0, n = time.perf_counter(), time.process_time(), 0
                 # As the training loop reads it: rows mix tensors and string ids (collate_rows).
                 for batch in ds.iter_torch_batches(
                     batch_size=args.batch_size, drop_last=True, collate_fn=collate_rows
                 ):
                     assert batch["image"].shape == (args.batch_size, 3, args.image_size, args.image_size)
                     n += 1
-                rate = n * args.batch_size / (time.perf_counter() - t0)
-            rates[tasks] = rate
-            print(f"{tasks} transform task(s): {rate:.1f} rows/s", flush=True)
+                wall = time.perf_counter() - t0
+                rate = n * args.batch_size / wall
+                consumer = (time.process_time() - c0) / wall  # the reading process's share of a core
+            rates[tasks], consumer_cores[tasks] = rate, consumer
+            print(
+                f"{tasks} transform task(s): {rate:.1f} rows/s (consumer uses {consumer:.2f} of a core)",
+                flush=True,
+            )
         single_after = single_process_rate()
         single = (single_before + single_after) / 2
         single_rows = single * args.batch_size
@@ -126,6 +131,7 @@ def main() -> None:
             "logical_cpus": args.logical_cpus,
             "single_process_rows_per_s": round(single_rows, 1),
             "stream_rows_per_s_by_transform_tasks": {k: round(v, 1) for k, v in rates.items()},
+            "consumer_cores_by_transform_tasks": {k: round(v, 2) for k, v in consumer_cores.items()},
             "stream_vs_one_core": {k: round(v / single_rows, 2) for k, v in rates.items()},
             "loadavg_1m_before": round(load_before, 1),
             "loadavg_1m_after": round(os.getloadavg()[0], 1),
