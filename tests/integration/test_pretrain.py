@@ -20,6 +20,7 @@ from pipelines import storage
 from pipelines.eval.retrieval import load_pretrained
 from pipelines.train.config import ConfigError, load_config
 from pipelines.train.launch import run_pretraining
+from tests.drivers import sigkill_when
 
 pytestmark = pytest.mark.integration
 
@@ -84,25 +85,6 @@ def final_state(run_uri: str) -> dict:
     return json.loads(storage.read_text(storage.join(run_uri, latest, "train_state.json")))
 
 
-def test_two_workers_train_from_s3_and_export_loadable_model(corpus_uri, s3_bucket):
-    job = tiny_job(
-        corpus_uri, s3_bucket.uri("runs"), "basic", **{"run.max_steps": 4, "run.checkpoint_every": 2}
-    )
-    result = run_pretraining(job)
-    assert result.error is None
-    run_uri = s3_bucket.uri("runs", "basic")
-    assert checkpoint_dirs(run_uri) == ["checkpoint_00000002", "checkpoint_00000004"]
-    assert final_state(run_uri)["step"] == 4
-    rows = storage.read_text(storage.join(run_uri, "metrics.csv")).strip().splitlines()
-    assert rows[0].startswith("step,") and len(rows) == 1 + 2  # logged at steps 2 and 4
-    assert storage.read_bytes(storage.join(run_uri, "curves.png"))[:4] == b"\x89PNG"
-    model = load_pretrained(storage.join(run_uri, "final"))
-    assert model.config.max_text_len == job_text_len(job)
-    batch = model.example_inputs(2)
-    out = model(**batch)
-    assert out.loss.isfinite()
-
-
 def job_text_len(job) -> int:
     from pipelines.train.launch import build_model_config
 
@@ -153,9 +135,10 @@ def logged_rank_rows(run_uri: str, epoch: int, world: int) -> list[list[str]]:
 
 
 def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_bucket):
-    """A worker is SIGKILLed mid-epoch; the run restores its latest checkpoint and continues
-    that epoch exactly where the checkpoint left it: every rank trained on precisely its rows of
-    the fixed epoch order, none twice, none skipped."""
+    """Two workers train from S3 with checkpoints to S3; one is SIGKILLed mid-epoch; the run
+    restores its latest checkpoint and continues that epoch exactly where the checkpoint left
+    it: every rank trained on precisely its rows of the fixed epoch order, none twice, none
+    skipped. The run then has its curves and a loadable exported model."""
     max_steps = 16
     job = tiny_job(
         corpus_uri,
@@ -200,6 +183,14 @@ def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_b
     ]
     # The curve continues where the checkpoint left it: every logged step once, in order.
     assert steps == sorted(set(steps)) and steps[-1] == max_steps
+    assert storage.read_text(storage.join(run_uri, "metrics.csv")).startswith("step,")
+    assert storage.read_bytes(storage.join(run_uri, "curves.png"))[:4] == b"\x89PNG"
+    assert all(
+        d.startswith("checkpoint_") and len(d) == len("checkpoint_00000000") for d in checkpoint_dirs(run_uri)
+    )
+    model = load_pretrained(storage.join(run_uri, "final"))
+    assert model.config.max_text_len == job_text_len(job)
+    assert model(**model.example_inputs(2)).loss.isfinite()
 
 
 def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
@@ -237,16 +228,8 @@ def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
         ray.get_runtime_context().gcs_address,
     ]
     run_uri = storage.join(storage_uri, "relaunch")
-    log = tmp_path / "first.log"  # a file, not a pipe: a full pipe nobody reads would stall the driver
-    with open(log, "wb") as sink:
-        first = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not registered_checkpoints(run_uri):
-        assert first.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "no first checkpoint"
-        time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    sigkill_when(cmd, tmp_path / "first.log", lambda: registered_checkpoints(run_uri), timeout_s=300,
+                 what="first checkpoint", poll_s=0.2)  # fmt: skip
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from step" in second.stdout + second.stderr
