@@ -170,6 +170,31 @@ def test_pretraining_submitted_with_token_lands_in_s3_and_refusals_are_clear(hea
     assert fs.exists(f"{run}/metrics.csv")
     assert any(p.rsplit("/", 1)[-1] == "checkpoint_00000004" for p in fs.ls(run))
 
+    # A search that finetunes the submitted pretraining, as a user goes on: one retrieval trial
+    # (the image-text pairs at hand), scored every epoch. This checks that a search runs as a job
+    # and leaves its results in object storage; what a search decides is the Tune test's subject.
+    tune_id = f"tune-{secrets.token_hex(4)}"
+    tune = mplug(
+        [*submit, "--wait", "--name", tune_id, "--", "tune", "--task", "retrieval", "--config",
+         "finetune_retrieval_tiny", "--space", "tune_tiny", "--data", processed, "--eval-data", processed,
+         "--init", s3_bucket.uri("runs/submitted/final"), "--storage", s3_bucket.uri("tune"), "--name",
+         "search", "--num-samples", "1", "--scheduler", "fifo", "--epochs", "1", "--batch-size", "8",
+         "--num-workers", "1", "--set", "run.checkpoint_every=10000"],
+        env,
+        timeout=900,
+    )  # fmt: skip
+    outputs += [tune.stdout, tune.stderr]
+    assert tune.returncode == 0, (tune.stdout[-4000:], tune.stderr[-3000:])
+    assert f"job {tune_id} SUCCEEDED" in tune.stdout
+    search = f"{s3_bucket.name}/tune/search"
+    with fs.open(f"{search}/results.csv") as f:
+        results = f.read().decode().splitlines()
+    header, row = results[0].split(","), results[1].split(",")
+    assert len(results) == 2 and row[header.index("status")] == "finished", results
+    assert "optim.lr" in header and "best_eval_r_mean" in header
+    assert fs.exists(f"{search}/best.yaml") and fs.exists(f"{search}/search.png")
+    assert fs.exists(f"{search}/{row[header.index('trial')]}/final/config.json")
+
     # `mplug jobs` reads them back; env var values stay hidden. In its own process, as every
     # other call here: Ray caches the token it loads for the life of a process, and this
     # process's Ray (the shared test instance) has another.
