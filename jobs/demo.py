@@ -24,8 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--output", default="demo_out", help="folder or URI used as object storage for every artefact"
     )
     p.add_argument("--num-images", type=int, default=3000, help="caption scenes (80/10/10 train/val/test)")
-    p.add_argument("--task-images", type=int, default=600, help="images per pool of the finetuning task")
-    p.add_argument("--max-steps", type=int, default=300, help="pretraining steps")
+    p.add_argument("--task-images", type=int, default=500, help="images per pool of the finetuning task")
+    p.add_argument("--max-steps", type=int, default=250, help="pretraining steps")
     p.add_argument("--batch-size", type=int, default=32, help="per worker")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--image-size", type=int, default=64)
