@@ -23,13 +23,14 @@ import torch
 
 
 def _rows(uri: str, limit: int | None = None) -> list[dict]:
-    """Processed rows of an ingest output (any URI), in file order."""
+    """Processed rows of an ingest output (any URI), in shard order."""
     import pyarrow.parquet as pq
 
     from pipelines import storage
+    from pipelines.data.stream import processed_files
 
     rows: list[dict] = []
-    for f in sorted(storage.list_files(storage.join(uri, "data"), ".parquet")):
+    for f in processed_files([uri]):
         fs, path = storage.pyarrow_fs(f)
         rows.extend(pq.read_table(path, filesystem=fs).to_pylist())
         if limit and len(rows) >= limit:
@@ -79,12 +80,9 @@ def main() -> None:
 
     from mplug.tokenizer import word_start_table
     from pipelines.tasks import task_class
-    from pipelines.tasks.base import StepContext
     from pipelines.train.config import load_config
     from pipelines.train.init import load_run_weights
     from pipelines.train.launch import build_model_config
-    from pipelines.train.optim import build_job_optimizer
-    from pipelines.train.step import train_step
     from tests import finetune as ft
 
     job = load_config("jobs/configs/pretrain_tiny.yaml", {"optim.lr": args.lr, "optim.warmup_steps": 20})
@@ -102,24 +100,17 @@ def main() -> None:
         return
 
     train = _rows(args.train)
-    steps_per_epoch = len(train) // args.batch_size
-    optimizer, scheduler = build_job_optimizer(model, job.optim, args.steps)
-    model.train()
-    started, step, epoch = time.perf_counter(), 0, 0
-    while step < args.steps:
-        for batch in ft.batches(task, train, args.batch_size, train=True, seed=epoch):
-            ctx = StepContext(step, epoch, steps_per_epoch)
-            result = train_step(
-                model, task, [batch], optimizer, scheduler, ctx, grad_clip=job.optim.grad_clip
-            )
-            step += 1
-            if step % args.every == 0 or step == args.steps:
-                losses = {k: round(float(v), 3) for k, v in result.values.items() if k.startswith("loss")}
-                print(json.dumps({"step": step, "seconds": round(time.perf_counter() - started), **losses,
-                                  **probe(model, images, ids, mask)}), flush=True)  # fmt: skip
-            if step >= args.steps:
-                break
-        epoch += 1
+    started = time.perf_counter()
+
+    def report(step: int, result) -> None:
+        if step % args.every == 0 or step == args.steps:
+            losses = {k: round(float(v), 3) for k, v in result.values.items() if k.startswith("loss")}
+            print(json.dumps({"step": step, "seconds": round(time.perf_counter() - started), **losses,
+                              **probe(model, images, ids, mask)}), flush=True)  # fmt: skip
+
+    epochs = -(-args.steps // (len(train) // args.batch_size))  # enough whole epochs to reach --steps
+    ft.finetune(task, model, train, epochs=epochs, batch_size=args.batch_size, max_steps=args.steps,
+                after_step=report)  # fmt: skip
     if args.save:
         print(json.dumps({"saved": ft.save_run(model, args.save)}), flush=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -53,25 +54,41 @@ def batches(
 
 
 def finetune(
-    task: Task, model, rows: list[dict], *, epochs: int, batch_size: int, seed: int = 0
+    task: Task,
+    model,
+    rows: list[dict],
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    max_steps: int | None = None,
+    after_step: Callable[[int, Any], None] | None = None,
 ) -> list[float]:
-    """Train `model` on `rows` with the task's step and the job's optimizer; the mean loss per epoch."""
+    """Train `model` on `rows` with the task's step and the job's optimizer; the mean loss per
+    epoch. `max_steps` ends the run early (the schedule spans it); `after_step(step, result)` is
+    called after every step, `step` counted from 1."""
     from pipelines.train.optim import build_job_optimizer
 
     steps_per_epoch = len(rows) // batch_size
-    optimizer, scheduler = build_job_optimizer(model, task.job.optim, steps_per_epoch * epochs)
+    total_steps = min(steps_per_epoch * epochs, max_steps or steps_per_epoch * epochs)
+    optimizer, scheduler = build_job_optimizer(model, task.job.optim, total_steps)
     model.train()
     losses, step = [], 0
     for epoch in range(epochs):
-        total = 0.0
+        total, done = 0.0, 0
         for batch in batches(task, rows, batch_size, train=True, seed=seed * 1000 + epoch):
             ctx = StepContext(step, epoch, steps_per_epoch)
             result = train_step(
                 model, task, [batch], optimizer, scheduler, ctx, grad_clip=task.job.optim.grad_clip
             )
-            total += float(result.values["loss"])
-            step += 1
-        losses.append(total / steps_per_epoch)
+            total, done, step = total + float(result.values["loss"]), done + 1, step + 1
+            if after_step is not None:
+                after_step(step, result)
+            if step >= total_steps:
+                break
+        losses.append(total / done)
+        if step >= total_steps:
+            break
     return losses
 
 
