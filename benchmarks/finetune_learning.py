@@ -7,6 +7,9 @@ split, then finetune each task from that model with its `finetune_{task}_tiny.ya
 test split beside `task_baselines` (fitted on train). Prints one JSON line per task.
 
     .venv/bin/python -m benchmarks.finetune_learning --num 300 --pretrain-steps 150 --epochs 5
+
+`--scst-steps N` follows captioning with its SCST stage (from the CE model just scored) and
+scores it the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every finetuning task, e.g. optim.lr=1e-3")  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--scst-steps", type=int, default=0,
+                        help="after caption, this many SCST steps (finetune_caption_scst_tiny) from its CE model")  # fmt: skip
+    parser.add_argument("--scst-lr", type=float, help="the SCST stage's lr (default: its config's)")
     parser.add_argument("--workdir", help="keep the data and the pretrained model here (reused when there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,6 +101,51 @@ def main() -> None:
             "metrics": {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)},
             "baselines": {k: round(v, 2) for k, v in baselines.get(name, {}).items() if "/" not in k},
         }), flush=True)  # fmt: skip
+        if name == "caption" and args.scst_steps:
+            _scst(
+                model,
+                train,
+                test,
+                setup,
+                os.path.join(work, "caption_train_refs"),
+                args.scst_steps,
+                args.scst_lr,
+            )
+
+
+def _scst(
+    model, train: list[dict], test: list[dict], setup, refs_dir: str, steps: int, lr: float | None
+) -> None:
+    """The SCST stage from the CE-finetuned `model`, scored as the CE stage is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests import finetune as ft
+
+    # CIDEr-D's document frequencies come from the training references, read from processed shards.
+    os.makedirs(os.path.join(refs_dir, "data"), exist_ok=True)
+    text = [{k: r[k] for k in ("key", "image_id", "caption")} for r in train]
+    pq.write_table(pa.Table.from_pylist(text), os.path.join(refs_dir, "data", "part-0.parquet"))
+    task = _task(
+        "caption",
+        "jobs/configs/finetune_caption_scst_tiny.yaml",
+        {"data.uris": [refs_dir], **({"optim.lr": lr, "optim.visual_lr": lr} if lr else {})},
+    )
+    started = time.perf_counter()
+    batch = task.job.data.batch_size
+    rewards: list[float] = []
+    ft.finetune(task, model, train, epochs=-(-steps * batch // len(train)), batch_size=batch, max_steps=steps,
+                after_step=lambda step, result: rewards.append(float(result.values["reward"])))  # fmt: skip
+    train_s = time.perf_counter() - started
+    metrics, _, _ = ft.evaluate(task, model, test, setup)
+    tenth = max(1, len(rewards) // 10)
+    print(json.dumps({
+        "task": "caption_scst", "steps": steps, "train_s": round(train_s, 1),
+        "mean_beam_reward_first_last_tenth": [round(sum(rewards[:tenth]) / tenth, 3),
+                                               round(sum(rewards[-tenth:]) / tenth, 3)],
+        "primary": {"CIDEr": round(metrics["CIDEr"], 2)},
+        "metrics": {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)},
+    }), flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ matched and mismatched pairs. A model whose fusion and decoder read the image ha
 loss with the right image; a text-only solution has the same loss either way and ITM at its 1:2
 prior (p = 1/3 for everything). With `--steps N` the pretraining continues in-process from the
 model (pretrain_tiny's recipe, batch `--batch-size`) and the probe is repeated every `--every`
-steps. Prints one JSON line per probe.
+steps. Without `--model` it pretrains from scratch; `--set` changes the recipe (e.g. one
+objective alone). Prints one JSON line per probe.
 
     .venv/bin/python -m benchmarks.image_use --model demo_out/runs/demo-tiny/final \\
         --train demo_out/processed/train --test demo_out/processed/test --steps 600 --every 150
@@ -49,11 +50,14 @@ def probe(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sh
     text = model.encode_text(ids, mask)
     other = torch.roll(torch.arange(len(images)), shift)
     out = {}
+    cfg = model.config
     for name, v in (("right", visual), ("other", visual[other]), ("zero", torch.zeros_like(visual))):
         torch.manual_seed(0)  # the same masked tokens in each condition
-        out[f"mlm_{name}"] = round(model._mlm_loss(ids, mask, v, ones_mask(v)).item(), 3)
-        out[f"prefix_{name}"] = round(model._prefix_loss(ids, mask, v, ones_mask(v)).item(), 3)
-        if name != "zero":
+        if cfg.use_mlm:
+            out[f"mlm_{name}"] = round(model._mlm_loss(ids, mask, v, ones_mask(v)).item(), 3)
+        if cfg.use_prefix:
+            out[f"prefix_{name}"] = round(model._prefix_loss(ids, mask, v, ones_mask(v)).item(), 3)
+        if cfg.use_itm and name != "zero":
             out[f"itm_p_match_{name}"] = round(
                 model.itm_logits(v, text, mask).softmax(-1)[:, 1].mean().item(), 3
             )
@@ -63,7 +67,7 @@ def probe(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sh
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a pretraining run's final/ (or any run of ours)")
+    parser.add_argument("--model", help="a pretraining run's final/ (or any run of ours); none: from scratch")
     parser.add_argument("--test", required=True, help="held-out ingest output")
     parser.add_argument("--train", help="ingest output to continue pretraining on (with --steps)")
     parser.add_argument("--rows", type=int, default=192, help="held-out rows probed")
@@ -72,6 +76,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a pretraining config override, e.g. model.overrides.use_mlm=false")  # fmt: skip
     parser.add_argument("--save", help="write the continued model here as a run's final/ (for --init)")
     args = parser.parse_args()
     if args.steps and not args.train:
@@ -80,15 +86,20 @@ def main() -> None:
 
     from mplug.tokenizer import word_start_table
     from pipelines.tasks import task_class
-    from pipelines.train.config import load_config
+    from pipelines.train.config import load_config, parse_set_args
     from pipelines.train.init import load_run_weights
     from pipelines.train.launch import build_model_config
     from tests import finetune as ft
 
-    job = load_config("jobs/configs/pretrain_tiny.yaml", {"optim.lr": args.lr, "optim.warmup_steps": 20})
+    job = load_config(
+        "jobs/configs/pretrain_tiny.yaml",
+        {"optim.lr": args.lr, "optim.warmup_steps": 20, **parse_set_args(args.set)},
+    )
     task = task_class("pretrain")(job, build_model_config(job))
+    torch.manual_seed(0)
     model = task.build_model()
-    load_run_weights(model, args.model)
+    if args.model:
+        load_run_weights(model, args.model)
     model.set_word_starts(word_start_table(model.config.text_config.vocab_size))
 
     held_out = next(ft.batches(task, _rows(args.test, args.rows), args.rows, train=False, drop_last=False))
