@@ -329,8 +329,9 @@ class VQATransform:
 class CaptionTransform:
     """Captioning rows: `image` and `caption_ids`/`caption_mask` (B, L) of `[CLS] prompt caption
     [SEP]` (cut at `caption_len` tokens), plus the ids `key` and `image_id` (str: the image's
-    references are looked up by it) when `include_ids` (evaluation and SCST). A flip swaps
-    "left"/"right" in the caption."""
+    references are looked up by it) and `flipped` (bool: SCST mirrors a flipped image's sampled
+    captions back before scoring them against its references) when `include_ids` (evaluation and
+    SCST). A flip swaps "left"/"right" in the caption."""
 
     def __init__(
         self,
@@ -351,18 +352,20 @@ class CaptionTransform:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["key"])
-        images, captions = [], []
+        images, captions, flips = [], [], []
         for data, caption, seed in zip(batch["image"], _column(batch, "caption", n), row_seeds(batch, n)):
             self.augment.reseed(seed)
             tensor, flipped = self.augment(decode_rgb(data))
             caption = str(caption or "")
             images.append(tensor)
+            flips.append(flipped)
             captions.append(self.prompt + (swap_left_right(caption) if flipped else caption))
         ids, mask = self.tokenize(captions)
         out = {"image": torch.stack(images).numpy(), "caption_ids": ids, "caption_mask": mask}
         if self.include_ids:
             out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
             out["image_id"] = image_ids(batch, n)
+            out["flipped"] = np.asarray(flips, dtype=bool)
         return out
 
 

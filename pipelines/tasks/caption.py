@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.data.transforms import CaptionTransform, Transform
+from pipelines.data.transforms import CaptionTransform, Transform, swap_left_right
 from pipelines.tasks.base import EvalSetup, StepContext, Task
 from pipelines.tasks.vqa import decode
 from pipelines.train.parallel import unsharded
@@ -131,6 +131,11 @@ class CaptionTask(Task):
                 generated = inner.generate(batch["image"], num_beams=opts.scst_beams, max_length=opts.max_length,
                                            min_length=opts.min_length, num_return_sequences=opts.scst_beams)  # fmt: skip
                 texts = decode(tokenizer, generated)
+                if "flipped" in batch:
+                    # The image was mirrored and its references describe it unmirrored: a caption
+                    # right about the mirror says "left" for "right", so score it mirrored back.
+                    flips = [bool(f) for f in batch["flipped"] for _ in range(opts.scst_beams)]
+                    texts = [swap_left_right(t) if f else t for t, f in zip(texts, flips)]
                 image_refs = [refs.get(str(i), []) for i in batch["image_id"] for _ in range(opts.scst_beams)]
                 rewards = torch.as_tensor(scorer.score(texts, image_refs), dtype=torch.float32)
                 ids, mask = sequence_with_start(

@@ -13,6 +13,7 @@ from mplug.tokenizer import load_tokenizer
 from pipelines.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
+    CaptionTransform,
     ClassificationTransform,
     GroundingTransform,
     VQATransform,
@@ -81,6 +82,21 @@ def test_vqa_flip_swaps_left_and_right_in_question_and_answers() -> None:
         assert question.split()[-1] == answer  # both flipped or neither
         seen.add(answer)
     assert seen == {"left", "right"}
+
+
+def test_scst_caption_rows_say_which_images_were_flipped() -> None:
+    udf = CaptionTransform(image_size=32, caption_len=10, train=True, seed=0, include_ids=True)
+    rows = {"key": objects(["c"]), "image": objects([_png()]), "caption": objects(["a dot left of a box"]),
+            "image_id": objects(["img7"])}  # fmt: skip
+    seen = set()
+    for _ in range(12):
+        out = udf(rows)
+        side = _decode(out["caption_ids"][0]).split()[2]
+        assert bool(out["flipped"][0]) == (side == "right") and out["image_id"][0] == "img7"
+        seen.add(side)
+    assert seen == {"left", "right"}
+    evaluation = CaptionTransform(image_size=32, caption_len=10, train=False, include_ids=True)
+    assert not evaluation(rows)["flipped"][0]
 
 
 def test_grounding_box_stays_on_its_object_through_crop_flip_and_letterbox() -> None:

@@ -1,0 +1,62 @@
+"""SCST's rewards: each sampled caption is scored against its own image's references, as the
+image was seen (a flipped training image's captions are mirrored back first)."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from mplug.tokenizer import load_tokenizer
+from pipelines.tasks.base import StepContext
+
+pytestmark = pytest.mark.unit
+
+SAID = "a red circle right of a blue square"
+
+
+class _Captioner(nn.Module):
+    """Says SAID for every image and beam: what the rewards make of it is under test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = load_tokenizer()
+
+    def generate(self, images: torch.Tensor, num_return_sequences: int = 1, **_) -> torch.Tensor:
+        ids = self.tokenizer(SAID, add_special_tokens=False)["input_ids"] + [self.tokenizer.sep_token_id]
+        return torch.tensor([ids] * (images.shape[0] * num_return_sequences))
+
+
+def _scst_task(tmp_path):
+    from pipelines.tasks import task_class
+    from pipelines.train.config import load_config
+    from pipelines.train.launch import build_model_config
+
+    refs = [("img0", "a red circle left of a blue square"), ("img0", "the red circle is left of the blue square"),
+            ("img1", "two green triangles"), ("img1", "a pair of green triangles")]  # fmt: skip
+    os.makedirs(tmp_path / "data")
+    rows = [{"key": f"k{i}", "image_id": image, "caption": text} for i, (image, text) in enumerate(refs)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "part-0.parquet")
+    job = load_config("jobs/configs/finetune_caption_scst_tiny.yaml", {"data.uris": [str(tmp_path)]})
+    return task_class("caption")(job, build_model_config(job))
+
+
+def test_a_flipped_image_is_rewarded_for_describing_what_it_shows(tmp_path) -> None:
+    task = _scst_task(tmp_path)
+    beams = task.job.caption.scst_beams
+    batch = {"image": torch.zeros(3, 3, 8, 8), "image_id": ["img0", "img0", "img1"],
+             "flipped": torch.tensor([True, False, True])}  # fmt: skip
+    [(ids, mask, rewards)] = task.prepare_step(
+        _Captioner(), [batch], StepContext(step=0, epoch=0, steps_per_epoch=1)
+    )
+    assert rewards.shape == (3, beams) and ids.shape[0] == 3 * beams
+    flipped, unflipped, other_image = rewards[:, 0].tolist()
+    # Mirrored, the circle is right of the square: SAID is right there and wrong unmirrored
+    # (unmirrored it still shares every n-gram without "left"/"right" with the references).
+    assert flipped > unflipped + 1.0
+    assert other_image < 0.05  # scored against its own image's references
+    assert torch.all(rewards == rewards[:, :1])  # the same caption in every beam, the same reward
