@@ -9,7 +9,7 @@ test split beside `task_baselines` (fitted on train). Prints one JSON line per t
     .venv/bin/python -m benchmarks.finetune_learning --num 300 --pretrain-steps 150 --epochs 5
 
 `--scst-steps N` follows captioning with its SCST stage (from the CE model just scored) and
-scores it the same way.
+scores it the same way (`--scst-lr`, `--scst-set KEY=VALUE` override its config).
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def main() -> None:
     parser.add_argument("--scst-steps", type=int, default=0,
                         help="after caption, this many SCST steps (finetune_caption_scst_tiny) from its CE model")  # fmt: skip
     parser.add_argument("--scst-lr", type=float, help="the SCST stage's lr (default: its config's)")
+    parser.add_argument("--scst-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for the SCST stage, e.g. data.crop_min_scale=1.0")  # fmt: skip
+    parser.add_argument("--score-train", type=int, default=0, metavar="N",
+                        help="also score N training images unaugmented: not learning vs not generalising")  # fmt: skip
     parser.add_argument("--workdir", help="keep the data and the pretrained model here (reused when there)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -93,13 +97,15 @@ def main() -> None:
         setup = None
         if name == "caption":  # one prediction per image, scored against all its references
             setup = EvalSetup(keys=ft.first_keys(test), references=ft.references_of(test))
-        metrics, _, _ = ft.evaluate(task, model, test, setup)
+        metrics, _, predictions = ft.evaluate(task, model, test, setup)
         print(json.dumps({
             "task": name, "train_rows": len(train), "test_rows": len(test), "epochs": args.epochs,
             "loss_per_epoch": [round(x, 3) for x in losses], "train_s": round(train_s, 1),
             "primary": {task.primary_metric: round(metrics[task.primary_metric], 2)},
             "metrics": {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)},
             "baselines": {k: round(v, 2) for k, v in baselines.get(name, {}).items() if "/" not in k},
+            **({"examples": _examples(predictions)} if name == "caption" else {}),
+            **({"train_primary": _train_score(task, model, train, args.score_train)} if args.score_train else {}),
         }), flush=True)  # fmt: skip
         if name == "caption" and args.scst_steps:
             _scst(
@@ -110,11 +116,21 @@ def main() -> None:
                 os.path.join(work, "caption_train_refs"),
                 args.scst_steps,
                 args.scst_lr,
+                parse_set_args(args.scst_set),
+                args.score_train,
             )
 
 
 def _scst(
-    model, train: list[dict], test: list[dict], setup, refs_dir: str, steps: int, lr: float | None
+    model,
+    train: list[dict],
+    test: list[dict],
+    setup,
+    refs_dir: str,
+    steps: int,
+    lr: float | None,
+    overrides: dict,
+    score_train: int,
 ) -> None:
     """The SCST stage from the CE-finetuned `model`, scored as the CE stage is."""
     import pyarrow as pa
@@ -129,7 +145,7 @@ def _scst(
     task = _task(
         "caption",
         "jobs/configs/finetune_caption_scst_tiny.yaml",
-        {"data.uris": [refs_dir], **({"optim.lr": lr, "optim.visual_lr": lr} if lr else {})},
+        {"data.uris": [refs_dir], **({"optim.lr": lr, "optim.visual_lr": lr} if lr else {}), **overrides},
     )
     started = time.perf_counter()
     batch = task.job.data.batch_size
@@ -137,7 +153,7 @@ def _scst(
     ft.finetune(task, model, train, epochs=-(-steps * batch // len(train)), batch_size=batch, max_steps=steps,
                 after_step=lambda step, result: rewards.append(float(result.values["reward"])))  # fmt: skip
     train_s = time.perf_counter() - started
-    metrics, _, _ = ft.evaluate(task, model, test, setup)
+    metrics, _, predictions = ft.evaluate(task, model, test, setup)
     tenth = max(1, len(rewards) // 10)
     print(json.dumps({
         "task": "caption_scst", "steps": steps, "train_s": round(train_s, 1),
@@ -145,7 +161,33 @@ def _scst(
                                                round(sum(rewards[-tenth:]) / tenth, 3)],
         "primary": {"CIDEr": round(metrics["CIDEr"], 2)},
         "metrics": {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)},
+        "examples": _examples(predictions),
+        **({"train_primary": _train_score(task, model, train, score_train)} if score_train else {}),
     }), flush=True)  # fmt: skip
+
+
+def _train_score(task, model, train: list[dict], n: int) -> float:
+    """The task's primary metric on its first `n` training images, unaugmented (captioning: one
+    prediction per image against all its references)."""
+    from pipelines.tasks.base import EvalSetup
+    from tests import finetune as ft
+
+    setup = None
+    if task.name == "caption":
+        keys = frozenset(sorted(ft.first_keys(train))[:n])
+        rows = [r for r in train if r["key"] in keys]
+        refs = ft.references_of(train)
+        setup = EvalSetup(keys=keys, references={i: refs[i] for i in ft.references_of(rows)})
+    else:
+        images = list(dict.fromkeys(str(r.get("image_id") or r["key"]) for r in train))[:n]
+        rows = [r for r in train if str(r.get("image_id") or r["key"]) in set(images)]
+    metrics, _, _ = ft.evaluate(task, model, rows, setup)
+    return round(metrics[task.primary_metric], 2)
+
+
+def _examples(predictions: list[dict], n: int = 4) -> dict[str, str]:
+    """The first test images' captions, to read what a stage changed."""
+    return {p["image_id"]: p["caption"] for p in sorted(predictions, key=lambda p: p["image_id"])[:n]}
 
 
 if __name__ == "__main__":
