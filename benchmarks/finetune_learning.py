@@ -25,15 +25,6 @@ import torch
 TASK_NAMES = ("vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve")
 
 
-def _task(name: str, config: str, overrides: dict):
-    from pipelines.tasks import task_class
-    from pipelines.train.config import load_config
-    from pipelines.train.launch import build_model_config
-
-    job = load_config(config, overrides)
-    return task_class(name)(job, build_model_config(job))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num", type=int, default=300, help="images per pool (80/10/10 split)")
@@ -73,7 +64,7 @@ def main() -> None:
     else:
         started = time.perf_counter()
         rows = ft.processed_rows(files["caption"]["train"], root)
-        pretrain = _task("pretrain", "jobs/configs/pretrain_tiny.yaml", {})
+        pretrain = ft.task_from_config("pretrain", "jobs/configs/pretrain_tiny.yaml")
         torch.manual_seed(0)
         model = pretrain.build_model()
         epochs = max(1, round(args.pretrain_steps * pretrain.job.data.batch_size / len(rows)))
@@ -86,7 +77,9 @@ def main() -> None:
     overrides = parse_set_args(args.set)
     for name in args.tasks:
         started = time.perf_counter()
-        task = _task(name, f"jobs/configs/finetune_{name}_tiny.yaml", {"model.init": final, **overrides})
+        task = ft.task_from_config(
+            name, f"jobs/configs/finetune_{name}_tiny.yaml", {"model.init": final, **overrides}
+        )
         train = ft.processed_rows(files[name]["train"], root)
         test = ft.processed_rows(files[name]["test"], root)
         torch.manual_seed(0)
@@ -133,19 +126,16 @@ def _scst(
     score_train: int,
 ) -> None:
     """The SCST stage from the CE-finetuned `model`, scored as the CE stage is."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from tests import finetune as ft
 
-    # CIDEr-D's document frequencies come from the training references, read from processed shards.
-    os.makedirs(os.path.join(refs_dir, "data"), exist_ok=True)
-    text = [{k: r[k] for k in ("key", "image_id", "caption")} for r in train]
-    pq.write_table(pa.Table.from_pylist(text), os.path.join(refs_dir, "data", "part-0.parquet"))
-    task = _task(
+    task = ft.task_from_config(
         "caption",
         "jobs/configs/finetune_caption_scst_tiny.yaml",
-        {"data.uris": [refs_dir], **({"optim.lr": lr, "optim.visual_lr": lr} if lr else {}), **overrides},
+        {
+            "data.uris": [ft.caption_references(train, refs_dir)],
+            **({"optim.lr": lr, "optim.visual_lr": lr} if lr else {}),
+            **overrides,
+        },
     )
     started = time.perf_counter()
     batch = task.job.data.batch_size

@@ -125,6 +125,28 @@ def first_keys(rows: list[dict]) -> frozenset[str]:
     return frozenset(first.values())
 
 
+def task_from_config(name: str, config: str, overrides: dict | None = None) -> Task:
+    """Task `name` from a job config file with dotted overrides, as `mplug train` builds it."""
+    from pipelines.tasks import task_class
+    from pipelines.train.config import load_config
+    from pipelines.train.launch import build_model_config
+
+    job = load_config(config, overrides or {})
+    return task_class(name)(job, build_model_config(job))
+
+
+def caption_references(rows: list[dict], folder: str) -> str:
+    """`rows`' captions as a processed shard under `folder` (text columns only): the training
+    references SCST's CIDEr-D takes its document frequencies and rewards from (`data.uris`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    text = [{k: r[k] for k in ("key", "image_id", "caption")} for r in rows]
+    pq.write_table(pa.Table.from_pylist(text), os.path.join(folder, "data", "part-0.parquet"))
+    return folder
+
+
 def write_json(path: str, value: Any) -> str:
     with open(path, "w") as f:
         json.dump(value, f)

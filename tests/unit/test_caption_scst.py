@@ -3,16 +3,13 @@ image was seen (a flipped training image's captions are mirrored back first)."""
 
 from __future__ import annotations
 
-import os
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
 from mplug.tokenizer import load_tokenizer
 from pipelines.tasks.base import StepContext
+from tests import finetune as ft
 
 pytestmark = pytest.mark.unit
 
@@ -32,17 +29,13 @@ class _Captioner(nn.Module):
 
 
 def _scst_task(tmp_path):
-    from pipelines.tasks import task_class
-    from pipelines.train.config import load_config
-    from pipelines.train.launch import build_model_config
-
     refs = [("img0", "a red circle left of a blue square"), ("img0", "the red circle is left of the blue square"),
             ("img1", "two green triangles"), ("img1", "a pair of green triangles")]  # fmt: skip
-    os.makedirs(tmp_path / "data")
     rows = [{"key": f"k{i}", "image_id": image, "caption": text} for i, (image, text) in enumerate(refs)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "part-0.parquet")
-    job = load_config("jobs/configs/finetune_caption_scst_tiny.yaml", {"data.uris": [str(tmp_path)]})
-    return task_class("caption")(job, build_model_config(job))
+    uri = ft.caption_references(rows, str(tmp_path))
+    return ft.task_from_config(
+        "caption", "jobs/configs/finetune_caption_scst_tiny.yaml", {"data.uris": [uri]}
+    )
 
 
 def test_a_flipped_image_is_rewarded_for_describing_what_it_shows(tmp_path) -> None:
