@@ -9,7 +9,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test test-learning lint bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "unit or integration or e2e" --durations=15 $(PYTEST_ARGS)
+
+# Not part of `make test`: the learning margins need ~20 min of finetuning on 2 cores.
+test-learning: $(STAMP)
+	$(BIN)/python -m pytest -m learning tests/learning --durations=0 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check mplug pipelines jobs tests benchmarks
