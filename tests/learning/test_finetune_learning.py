@@ -2,7 +2,7 @@
 shapes-world data by the margin stated here, and SCST raises CIDEr over its cross-entropy start.
 
 In-process (`tests/finetune.py`: the ingest processing, row transforms, `train_step`, `predict`
-and `score` of the Ray jobs), about 20 minutes on 2 cores: `make test-learning`, not part of
+and `score` of the Ray jobs), about 15 minutes on 2 cores: `make test-learning`, not part of
 `make test`. The margins are set below the measured ones (BENCHMARKS.md, 2026-12-04 rows:
 `benchmarks/finetune_learning.py --num 1000` runs the same stages).
 """
