@@ -48,7 +48,6 @@ def main() -> None:
     from pipelines.data.synth_tasks import render_task_annotations, task_baselines
     from pipelines.tasks.base import EvalSetup
     from pipelines.train.config import parse_set_args
-    from pipelines.train.init import load_run_weights
     from tests import finetune as ft
 
     work = args.workdir or tempfile.mkdtemp(prefix="mplug-learning-")
@@ -77,15 +76,9 @@ def main() -> None:
     overrides = parse_set_args(args.set)
     for name in args.tasks:
         started = time.perf_counter()
-        task = ft.task_from_config(
-            name, f"jobs/configs/finetune_{name}_tiny.yaml", {"model.init": final, **overrides}
-        )
         train = ft.processed_rows(files[name]["train"], root)
         test = ft.processed_rows(files[name]["test"], root)
-        torch.manual_seed(0)
-        model = task.build_model()
-        load_run_weights(model, final)
-        losses = ft.finetune(task, model, train, epochs=args.epochs, batch_size=task.job.data.batch_size)
+        task, model, losses = ft.finetuned(name, final, train, args.epochs, overrides)
         train_s = time.perf_counter() - started
         setup = None
         if name == "caption":  # one prediction per image, scored against all its references
@@ -169,8 +162,8 @@ def _train_score(task, model, train: list[dict], n: int) -> float:
         refs = ft.references_of(train)
         setup = EvalSetup(keys=keys, references={i: refs[i] for i in ft.references_of(rows)})
     else:
-        images = list(dict.fromkeys(str(r.get("image_id") or r["key"]) for r in train))[:n]
-        rows = [r for r in train if str(r.get("image_id") or r["key"]) in set(images)]
+        images = set(list(dict.fromkeys(str(r.get("image_id") or r["key"]) for r in train))[:n])
+        rows = [r for r in train if str(r.get("image_id") or r["key"]) in images]
     metrics, _, _ = ft.evaluate(task, model, rows, setup)
     return round(metrics[task.primary_metric], 2)
 

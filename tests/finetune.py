@@ -135,6 +135,23 @@ def task_from_config(name: str, config: str, overrides: dict | None = None) -> T
     return task_class(name)(job, build_model_config(job))
 
 
+def finetuned(
+    name: str, init: str, rows: list[dict], epochs: int, overrides: dict | None = None
+) -> tuple[Task, Any, list[float]]:
+    """Task `name` (its `finetune_{name}_tiny.yaml`) started from the run at `init` and trained
+    on `rows`: (task, model, mean loss per epoch)."""
+    from pipelines.train.init import load_run_weights
+
+    task = task_from_config(
+        name, f"jobs/configs/finetune_{name}_tiny.yaml", {"model.init": init, **(overrides or {})}
+    )
+    torch.manual_seed(0)
+    model = task.build_model()
+    load_run_weights(model, init)
+    losses = finetune(task, model, rows, epochs=epochs, batch_size=task.job.data.batch_size)
+    return task, model, losses
+
+
 def caption_references(rows: list[dict], folder: str) -> str:
     """`rows`' captions as a processed shard under `folder` (text columns only): the training
     references SCST's CIDEr-D takes its document frequencies and rewards from (`data.uris`)."""

@@ -51,22 +51,9 @@ def world(tmp_path_factory) -> World:
     return World(root, files, baselines, ft.save_run(model, os.path.join(work, "pretrain")))
 
 
-def _finetuned(world: World, name: str, epochs: int, train: list[dict]):
-    from pipelines.train.init import load_run_weights
-
-    task = ft.task_from_config(
-        name, f"jobs/configs/finetune_{name}_tiny.yaml", {"model.init": world.pretrained}
-    )
-    torch.manual_seed(0)
-    model = task.build_model()
-    load_run_weights(model, world.pretrained)
-    ft.finetune(task, model, train, epochs=epochs, batch_size=task.job.data.batch_size)
-    return task, model
-
-
 def test_captioning_beats_the_constant_caption_and_scst_raises_its_cider(world: World, tmp_path) -> None:
     train, test = world.rows("caption", "train"), world.rows("caption", "test")
-    task, model = _finetuned(world, "caption", epochs=3, train=train)
+    task, model, _ = ft.finetuned("caption", world.pretrained, train, epochs=3)
     setup = EvalSetup(keys=ft.first_keys(test), references=ft.references_of(test))
     ce = ft.evaluate(task, model, test, setup)[0]["CIDEr"]
     constant = world.baselines["caption"]["consensus_caption_cider"]
@@ -87,7 +74,7 @@ def test_captioning_beats_the_constant_caption_and_scst_raises_its_cider(world: 
 
 def test_vqa_beats_the_majority_answer_of_its_question_type(world: World) -> None:
     # Every training question: 1,440 of them for 5 epochs left it on the prior (41.4 vs 41.3).
-    task, model = _finetuned(world, "vqa", epochs=3, train=world.rows("vqa", "train"))
+    task, model, _ = ft.finetuned("vqa", world.pretrained, world.rows("vqa", "train"), epochs=3)
     accuracy = ft.evaluate(task, model, world.rows("vqa", "test"))[0][task.primary_metric]
     majority = world.baselines["vqa"]["majority_by_question_type"]
     # Measured: 47.4 on 600 held-out questions against 41.3.
@@ -95,7 +82,7 @@ def test_vqa_beats_the_majority_answer_of_its_question_type(world: World) -> Non
 
 
 def test_snli_ve_beats_the_majority_label(world: World) -> None:
-    task, model = _finetuned(world, "snli_ve", epochs=5, train=world.rows("snli_ve", "train"))
+    task, model, _ = ft.finetuned("snli_ve", world.pretrained, world.rows("snli_ve", "train"), epochs=5)
     accuracy = ft.evaluate(task, model, world.rows("snli_ve", "test"))[0][task.primary_metric]
     majority = world.baselines["snli_ve"]["majority_class"]
     # Measured: 46.3 on 300 held-out pairs against 33.3.
