@@ -182,6 +182,13 @@ class MPlugConfig(PreTrainedConfig):
             keys give the query a direction to flee that is not alignment, and ITC collapses
             (measured on shapes-world: R@5 0.02 with a 64-entry queue vs 0.46 without, 100 steps).
         distill_alpha: momentum-distillation weight alpha (ramped by the trainer in epoch 0).
+        itm_random_negative_steps: training steps at the start whose ITM negatives are drawn
+            uniformly from the batch; hard negatives (by ITC similarity, the official sampling)
+            after. 0 (official) samples hard ones from the first step. From scratch, once ITC
+            separates, the hard negatives differ from the positive in one word, and ITM stays at
+            its 1:2 prior with a fusion that never reads the image; uniform ones teach it to
+            compare caption and image first (shapes-world tiny: ITM off the prior by step 200
+            with them, still on it at step 400 without; BENCHMARKS.md).
         mlm_probability: fraction of non-special caption tokens masked for MLM.
         max_text_len: caption length in tokens (padding/truncation length).
         use_itc, use_itm, use_mlm, use_prefix: switch each pretraining objective on or off.
@@ -208,6 +215,7 @@ class MPlugConfig(PreTrainedConfig):
     momentum: float = 0.995
     queue_size: int = 65536
     distill_alpha: float = 0.4
+    itm_random_negative_steps: int = 0
     mlm_probability: float = 0.15
     max_text_len: int = 40
     use_itc: bool = True
@@ -298,6 +306,8 @@ class MPlugConfig(PreTrainedConfig):
             raise ValueError(f"momentum={self.momentum} must lie in [0, 1)")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha={self.distill_alpha} must lie in [0, 1]")
+        if self.itm_random_negative_steps < 0:
+            raise ValueError(f"itm_random_negative_steps={self.itm_random_negative_steps} must be >= 0")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={self.mlm_probability} must lie in (0, 1)")
         if not (self.use_itc or self.use_itm or self.use_mlm or self.use_prefix):

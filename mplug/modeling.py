@@ -367,13 +367,14 @@ class MPlugContrastiveModel(MPlugPreTrainedModel):
         text: torch.Tensor,
         text_mask: torch.Tensor,
         sim_i2t: torch.Tensor | None,
+        hard_negatives: bool = True,
     ) -> torch.Tensor:
         b = visual.shape[0]
         if b < 2:
             raise ValueError(f"ITM draws in-batch negatives and needs batch_size >= 2, got {b}")
         if sim_i2t is None:  # without ITC there are no similarities: negatives uniformly at random
             sim_i2t = visual.new_zeros(b, b, dtype=torch.float32)
-        neg_text, neg_image = sample_hard_negatives(sim_i2t.detach(), sim_i2t.detach().t())
+        neg_text, neg_image = sample_hard_negatives(sim_i2t.detach(), sim_i2t.detach().t(), hard_negatives)
         # One fused pass over 3B pairs: positives, (image, hard-negative text), (hard-negative image, text).
         texts = torch.cat([text, text[neg_text], text], dim=0)
         text_masks = torch.cat([text_mask, text_mask[neg_text], text_mask], dim=0)
@@ -443,11 +444,13 @@ class MPlugForPretraining(MPlugContrastiveModel):
         alpha: float = 0.0,
         keys: ContrastiveKeys | None = None,
         key_offset: int = 0,
+        itm_hard_negatives: bool = True,
     ) -> MPlugPretrainingOutput:
         """images (B, 3, H, W), input_ids/attention_mask (B, L) `[CLS] ... [SEP] [PAD]*`;
         alpha: momentum-distillation weight for ITC (0 disables distillation); keys/key_offset:
         the step's momentum keys (`gather_keys`) when the step has several micro-batches; by
-        default this batch's own, gathered over ranks."""
+        default this batch's own, gathered over ranks. itm_hard_negatives=False draws ITM's
+        negatives uniformly from the batch instead of by ITC similarity."""
         cfg = self.config
         visual = self.encode_image(images)  # (B, Lv, D)
         visual_mask = ones_mask(visual)  # (B, Lv)
@@ -465,7 +468,7 @@ class MPlugForPretraining(MPlugContrastiveModel):
         else:
             keys = None
         if cfg.use_itm:
-            loss_itm = self._itm_loss(visual, text, attention_mask, sim_i2t)
+            loss_itm = self._itm_loss(visual, text, attention_mask, sim_i2t, itm_hard_negatives)
         if cfg.use_mlm:
             loss_mlm = self._mlm_loss(input_ids, attention_mask, visual, visual_mask)
         if cfg.use_prefix:

@@ -80,10 +80,17 @@ def distill_alpha(alpha: float, epoch: int, step: int, steps_per_epoch: int) -> 
 
 
 # ---- ITM ---------------------------------------------------------------------------------
-def sample_hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_hard_negatives(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, hard: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image one negative text, for each text one negative image, drawn from the softmax
-    of the in-batch similarities with the positive excluded. sim_*: (B, B) -> indices (B,), (B,)."""
+    of the in-batch similarities with the positive excluded. sim_*: (B, B) -> indices (B,), (B,).
+    hard=False draws uniformly from the same candidates (entries at -inf, other captions of the
+    same image, stay excluded)."""
     with torch.no_grad():
+        if not hard:
+            sim_i2t = torch.where(torch.isfinite(sim_i2t), 0.0, -float("inf"))
+            sim_t2i = torch.where(torch.isfinite(sim_t2i), 0.0, -float("inf"))
         eye = torch.eye(sim_i2t.shape[0], dtype=torch.bool, device=sim_i2t.device)
         # A row may be all -inf (every other text is of the same image): nan_to_num makes it uniform.
         w_i2t = F.softmax(sim_i2t.float(), dim=1).nan_to_num(0.0).masked_fill(eye, 0) + 1e-6 * (~eye)

@@ -48,10 +48,12 @@ class MPlugForRetrieval(MPlugContrastiveModel):
         alpha: float = 0.0,
         keys: ContrastiveKeys | None = None,
         key_offset: int = 0,
+        itm_hard_negatives: bool = True,
     ) -> MPlugRetrievalOutput:
         """images (B, 3, H, W), input_ids/attention_mask (B, L), image_ids (B,) int64: rows with
         one id are captions of one image. keys/key_offset: the step's momentum keys
-        (`gather_keys`), by default this batch's own, gathered over ranks."""
+        (`gather_keys`), by default this batch's own, gathered over ranks. itm_hard_negatives=False
+        draws ITM's negatives uniformly from the batch (other captions of the image excluded)."""
         visual = self.encode_image(images)
         text = self.encode_text(input_ids, attention_mask)
         if keys is None:
@@ -59,5 +61,5 @@ class MPlugForRetrieval(MPlugContrastiveModel):
             keys, offsets = self.gather_keys([batch], [image_ids])
             key_offset = offsets[0]
         loss_itc, sim_i2t = self._itc(visual, text, keys, key_offset, alpha, image_ids=image_ids)
-        loss_itm = self._itm_loss(visual, text, attention_mask, sim_i2t)
+        loss_itm = self._itm_loss(visual, text, attention_mask, sim_i2t, itm_hard_negatives)
         return MPlugRetrievalOutput(loss_itc + loss_itm, loss_itc, loss_itm, keys)

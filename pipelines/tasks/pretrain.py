@@ -85,7 +85,8 @@ class PretrainTask(Task):
         # Distillation weight ramps from 0 over the first epoch, as the official recipe.
         alpha = cfg.distill_alpha * min(1.0, ctx.step / max(1, ctx.steps_per_epoch))
         keys, offsets = prepared if prepared is not None else (None, [0])
-        out = model(**inputs(batch), alpha=alpha, keys=keys, key_offset=offsets[index])
+        out = model(**inputs(batch), alpha=alpha, keys=keys, key_offset=offsets[index],
+                    itm_hard_negatives=ctx.step >= cfg.itm_random_negative_steps)  # fmt: skip
         values = {name: getattr(out, name) for name in LOSS_NAMES}
         values["alpha"] = torch.tensor(alpha)
         return out.loss, values, out

@@ -71,6 +71,7 @@ class RetrievalTask(PretrainTask):
             alpha=alpha,
             keys=keys,
             key_offset=offsets[index],
+            itm_hard_negatives=ctx.step >= self.model_config.itm_random_negative_steps,
         )
         return out.loss, {"loss": out.loss, "loss_itc": out.loss_itc, "loss_itm": out.loss_itm}, out
 
