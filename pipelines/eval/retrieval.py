@@ -164,33 +164,47 @@ def candidates(sim_i2t: torch.Tensor, k: int) -> Candidates:
 
 
 def score_matrices(
-    cands: Candidates, score: dict[tuple[int, int], float]
+    cands: Candidates, score: dict[tuple[int, int], float], sim_i2t: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The (Ni, Nt) image→text and (Nt, Ni) text→image matrices: the ITM score where a pair was
-    re-scored, `FLOOR_SCORE` elsewhere."""
+    re-scored (plus its ITC similarity when `sim_i2t` is given), `FLOOR_SCORE` elsewhere."""
     ni, nt = cands.top_texts.shape[0], cands.top_images.shape[0]
     i2t = torch.full((ni, nt), FLOOR_SCORE)
     t2i = torch.full((nt, ni), FLOOR_SCORE)
+
+    def value(i: int, t: int) -> float:
+        return score[(i, t)] + (float(sim_i2t[i, t]) if sim_i2t is not None else 0.0)
+
     for i in range(ni):
         for t in cands.top_texts[i].tolist():
-            i2t[i, t] = score[(i, t)]
+            i2t[i, t] = value(i, t)
     for t in range(nt):
         for i in cands.top_images[t].tolist():
-            t2i[t, i] = score[(i, t)]
+            t2i[t, i] = value(i, t)
     return i2t, t2i
 
 
-def reranked_metrics(
-    itc: dict[str, float], i2t: torch.Tensor, t2i: torch.Tensor, text_group: torch.Tensor
-) -> dict:
-    """R@K of the re-ranked matrices (the primary `r_mean`), ITC's as `itc_*`, chance beside."""
+def _directional_recall(i2t: torch.Tensor, t2i: torch.Tensor, text_group: torch.Tensor) -> dict[str, float]:
     images = torch.arange(i2t.shape[0])
     forward = retrieval_recall(i2t, images, text_group)
     backward = retrieval_recall(t2i.T, images, text_group)  # its t2i direction ranks t2i rows
-    out = {f"itc_{name}": value for name, value in itc.items() if not name.startswith(("chance_", "num_"))}
-    out.update({k: v for k, v in forward.items() if k.startswith("i2t")})
+    out = {k: v for k, v in forward.items() if k.startswith("i2t")}
     out.update({k: v for k, v in backward.items() if k.startswith("t2i")})
     _add_means(out)
+    return out
+
+
+def reranked_metrics(
+    itc: dict[str, float], cands: Candidates, score: dict[tuple[int, int], float], sim_i2t: torch.Tensor,
+    text_group: torch.Tensor,
+) -> dict:  # fmt: skip
+    """R@K re-ranked by the ITM score alone (the official mPLUG evaluation: the primary `r_mean`),
+    by ITM + ITC similarity as `itm_itc_*` (ALBEF's and BLIP's evaluation), ITC's as `itc_*`,
+    chance beside."""
+    out = {f"itc_{name}": value for name, value in itc.items() if not name.startswith(("chance_", "num_"))}
+    out.update(_directional_recall(*score_matrices(cands, score), text_group))
+    both = _directional_recall(*score_matrices(cands, score, sim_i2t), text_group)
+    out.update({f"itm_itc_{name}": value for name, value in both.items()})
     out.update({name: value for name, value in itc.items() if name.startswith(("chance_", "num_"))})
     return out
 
@@ -211,14 +225,14 @@ def reranked_recall(model, rows: list[dict], k: int, batch_size: int = 64) -> di
                         for s in range(0, len(images), batch_size)])  # fmt: skip
     text = torch.cat([model.encode_text(ids[s : s + batch_size], mask[s : s + batch_size])
                       for s in range(0, len(ids), batch_size)])  # fmt: skip
-    cands = candidates(image_emb @ text_emb.T, k)
+    sim = image_emb @ text_emb.T
+    cands = candidates(sim, k)
     index = torch.tensor(cands.pairs, dtype=torch.long)
     scores: list[float] = []
     for s in range(0, len(index), batch_size):
         ii, tt = index[s : s + batch_size, 0].to(device), index[s : s + batch_size, 1].to(device)
         scores.extend(model.itm_logits(visual[ii], text[tt], mask[tt])[:, 1].float().cpu().tolist())
-    i2t, t2i = score_matrices(cands, dict(zip(cands.pairs, scores)))
-    return reranked_metrics(itc, i2t, t2i, text_group)
+    return reranked_metrics(itc, cands, dict(zip(cands.pairs, scores)), sim, text_group)
 
 
 class ITMScorer:
@@ -269,7 +283,8 @@ def distributed_reranked_recall(task, model_uri: str, data_uris: list[str], rows
     image_ids = [str(rows[i]["image_id"]) for i in image_rows]
     image_emb = torch.from_numpy(np.stack([rows[i]["image_emb"] for i in image_rows])).float()
     text_emb = torch.from_numpy(np.stack([r["text_emb"] for r in rows])).float()
-    cands = candidates(image_emb @ text_emb.T, task.job.retrieval.k_test)
+    sim = image_emb @ text_emb.T
+    cands = candidates(sim, task.job.retrieval.k_test)
     texts_by_image: dict[str, list[int]] = {}
     for i, t in cands.pairs:
         texts_by_image.setdefault(image_ids[i], []).append(t)
@@ -293,5 +308,4 @@ def distributed_reranked_recall(task, model_uri: str, data_uris: list[str], rows
     missing = [p for p in cands.pairs if p not in score]
     if missing:
         raise RuntimeError(f"{len(missing)} candidate pairs were not re-scored, e.g. {missing[:3]}")
-    i2t, t2i = score_matrices(cands, score)
-    return reranked_metrics(itc, i2t, t2i, text_group)
+    return reranked_metrics(itc, cands, score, sim, text_group)
