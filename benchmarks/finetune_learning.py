@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every finetuning task, e.g. optim.lr=1e-3")  # fmt: skip
+    parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a pretraining config override, e.g. model.overrides.itm_random_negative_steps=250")  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--scst-steps", type=int, default=0,
                         help="after caption, this many SCST steps (finetune_caption_scst_tiny) from its CE model")  # fmt: skip
@@ -63,7 +65,9 @@ def main() -> None:
     else:
         started = time.perf_counter()
         rows = ft.processed_rows(files["caption"]["train"], root)
-        pretrain = ft.task_from_config("pretrain", "jobs/configs/pretrain_tiny.yaml")
+        pretrain = ft.task_from_config(
+            "pretrain", "jobs/configs/pretrain_tiny.yaml", parse_set_args(args.pretrain_set)
+        )
         torch.manual_seed(0)
         model = pretrain.build_model()
         epochs = max(1, round(args.pretrain_steps * pretrain.job.data.batch_size / len(rows)))

@@ -7,7 +7,8 @@ loss with the right image; a text-only solution has the same loss either way and
 prior (p = 1/3 for everything). With `--steps N` the pretraining continues in-process from the
 model (pretrain_tiny's recipe, batch `--batch-size`) and the probe is repeated every `--every`
 steps. Without `--model` it pretrains from scratch; `--set` changes the recipe (e.g. one
-objective alone). Prints one JSON line per probe.
+objective alone). `--num N` renders the learning suite's shapes-world caption data in place
+of `--train`/`--test`. Prints one JSON line per probe.
 
     .venv/bin/python -m benchmarks.image_use --model demo_out/runs/demo-tiny/final \\
         --train demo_out/processed/train --test demo_out/processed/test --steps 600 --every 150
@@ -68,7 +69,9 @@ def probe(model, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, sh
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a pretraining run's final/ (or any run of ours); none: from scratch")
-    parser.add_argument("--test", required=True, help="held-out ingest output")
+    parser.add_argument("--test", help="held-out ingest output (or --num)")
+    parser.add_argument("--num", type=int, help="instead of --train/--test: render this many shapes-world "
+                        "caption images (seed 1, 64 px, 80/10/10; the learning suite's data) and use its splits")  # fmt: skip
     parser.add_argument("--train", help="ingest output to continue pretraining on (with --steps)")
     parser.add_argument("--rows", type=int, default=192, help="held-out rows probed")
     parser.add_argument("--steps", type=int, default=0, help="continue pretraining this many steps")
@@ -80,8 +83,10 @@ def main() -> None:
                         help="a pretraining config override, e.g. model.overrides.use_mlm=false")  # fmt: skip
     parser.add_argument("--save", help="write the continued model here as a run's final/ (for --init)")
     args = parser.parse_args()
-    if args.steps and not args.train:
-        parser.error("--steps needs --train")
+    if (args.test is None) == (args.num is None):
+        parser.error("give --test (with --train for --steps) or --num")
+    if args.steps and not (args.train or args.num):
+        parser.error("--steps needs --train or --num")
     torch.set_num_threads(args.threads)
 
     from mplug.tokenizer import word_start_table
@@ -102,7 +107,19 @@ def main() -> None:
         load_run_weights(model, args.model)
     model.set_word_starts(word_start_table(model.config.text_config.vocab_size))
 
-    held_out = next(ft.batches(task, _rows(args.test, args.rows), args.rows, train=False, drop_last=False))
+    if args.num:
+        import tempfile
+
+        from pipelines.data.synth_tasks import render_task_annotations
+
+        root = os.path.join(tempfile.mkdtemp(prefix="mplug-image-use-"), "data")
+        files = render_task_annotations(root, num=args.num, seed=1, image_size=64)["caption"]
+        test_rows = ft.processed_rows(files["test"], root)[: args.rows]
+        train = ft.processed_rows(files["train"], root)
+    else:
+        test_rows = _rows(args.test, args.rows)
+        train = _rows(args.train) if args.steps else []
+    held_out = next(ft.batches(task, test_rows, args.rows, train=False, drop_last=False))
     images = torch.as_tensor(held_out["image"]).float()
     ids = torch.as_tensor(held_out["input_ids"]).long()
     mask = torch.as_tensor(held_out["attention_mask"]).long()
@@ -110,7 +127,6 @@ def main() -> None:
     if not args.steps:
         return
 
-    train = _rows(args.train)
     started = time.perf_counter()
 
     def report(step: int, result) -> None:
