@@ -42,7 +42,7 @@ def world(tmp_path_factory) -> World:
     work = str(tmp_path_factory.mktemp("learning"))
     root = os.path.join(work, "data")
     files = render_task_annotations(root, num=NUM_IMAGES, seed=1, image_size=64)
-    baselines = task_baselines(root, tasks=("vqa", "caption", "snli_ve"))
+    baselines = task_baselines(root, tasks=("vqa", "caption", "nlvr2", "snli_ve"))
     pretrain = ft.task_from_config("pretrain", "jobs/configs/pretrain_tiny.yaml")
     torch.manual_seed(0)
     model = pretrain.build_model()
@@ -87,3 +87,27 @@ def test_snli_ve_beats_the_majority_label(world: World) -> None:
     majority = world.baselines["snli_ve"]["majority_class"]
     # Measured: 46.3 on 300 held-out pairs against 33.3.
     assert accuracy > majority + 6.0, f"SNLI-VE {accuracy:.1f} vs majority label {majority:.1f}"
+
+
+def test_retrieval_recall_is_far_above_chance_after_itc_and_itm_reranking(world: World) -> None:
+    task, model, _ = ft.finetuned("retrieval", world.pretrained, world.rows("retrieval", "train"), epochs=2)
+    m = ft.evaluate(task, model, world.rows("retrieval", "test"))[0]
+    # 100 held-out images, 500 captions: chance R@1 is 1.0 both ways. Measured (2 epochs): ITC
+    # R@1 31.0 / 35.4, ITM re-ranked 29.0 / 20.8 (re-ranking is still below ITC alone: 6 epochs
+    # bring it to 71.4 vs 73.1 r_mean, BENCHMARKS.md).
+    for prefix in ("itc_", ""):
+        for d in ("i2t", "t2i"):
+            got, chance = m[f"{prefix}{d}_r1"], m[f"chance_{d}_r1"]
+            assert got > chance + 12.0, (
+                f"{prefix or 'ITM re-ranked '}{d} R@1 {got:.1f} vs chance {chance:.1f}"
+            )
+
+
+def test_nlvr2_beats_the_majority_label(world: World) -> None:
+    task, model, _ = ft.finetuned("nlvr2", world.pretrained, world.rows("nlvr2", "train"), epochs=5)
+    accuracy = ft.evaluate(task, model, world.rows("nlvr2", "test"))[0][task.primary_metric]
+    majority = world.baselines["nlvr2"]["majority_class"]
+    # Measured: 57.0 on 200 held-out pairs against 50.0 (the baseline). A classifier of
+    # the statement alone gets 55.5 by template, 58.0 by sentence: this margin is not yet proof
+    # that the image pair is read.
+    assert accuracy > majority + 3.0, f"NLVR2 {accuracy:.1f} vs majority label {majority:.1f}"
