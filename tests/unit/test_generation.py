@@ -440,7 +440,8 @@ def test_length_limits_and_eos(model: MPlugForPretraining) -> None:
 def test_beam_search_scores_at_least_greedy(model: MPlugForPretraining) -> None:
     """Beam search finds a sequence with log-probability >= the greedy one (length_penalty 0)."""
     images = model.example_inputs(2, seed=7)["images"]
-    memory, mask = _memory(model, 2)
+    with torch.no_grad():
+        memory, mask = model.decoder_memory(images)  # the memory both searches decoded against
 
     def logprob(seqs: torch.Tensor) -> torch.Tensor:
         ids = torch.cat([torch.full((seqs.shape[0], 1), CLS), seqs], 1)
