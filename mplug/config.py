@@ -29,6 +29,10 @@ class MPlugVisionConfig(PreTrainedConfig):
         layer_norm_eps: epsilon of every LayerNorm in the tower (CLIP uses 1e-5).
         hidden_act: MLP activation, a timm activation name ("quick_gelu" for CLIP).
         drop_path_rate: stochastic depth rate (0 in the official recipe).
+        position_init: how a model built from scratch starts its patch position table:
+            "normal" (N(0, initializer_range), as CLIP's random start) or "sincos" (MAE's fixed
+            2-D sine-cosine table, values in [-1, 1], still learned after). Weights loaded from
+            a checkpoint replace either.
     """
 
     model_type: ClassVar[str] = "mplug_vision"
@@ -43,6 +47,10 @@ class MPlugVisionConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
     drop_path_rate: float = 0.0
+    position_init: str = "normal"
+
+
+POSITION_INITS = ("normal", "sincos")
 
 
 def _bert_base() -> dict[str, Any]:
@@ -69,6 +77,10 @@ def _preset_table() -> dict[str, dict[str, Any]]:
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 intermediate_size=512,
+                # Position as strong as content from the first step: with a N(0, 0.1) table a
+                # patch token is ~10% position, and a decoder trained from scratch needed ~1,000
+                # steps before it read where a lone square was (sincos: ~300; BENCHMARKS.md).
+                position_init="sincos",
             ),
             text_config=dict(
                 vocab_size=30522,
@@ -269,6 +281,10 @@ class MPlugConfig(PreTrainedConfig):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if v.position_init not in POSITION_INITS:
+            raise ValueError(
+                f"vision_config.position_init={v.position_init!r} is not valid; choose one of {POSITION_INITS}"
+            )
         if self.num_images < 1:
             raise ValueError(f"num_images={self.num_images} must be >= 1")
         if self.box_bins < 0 or self.box_bins == 1:

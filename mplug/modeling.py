@@ -38,7 +38,7 @@ from mplug.objectives import (
     split_prefix,
 )
 from mplug.text import LMHead, TextDecoder, TextEncoder
-from mplug.vision import CLIPVisionTransformer, VisualAdapter
+from mplug.vision import CLIPVisionTransformer, VisualAdapter, sincos_position_table
 
 
 def ones_mask(tokens: torch.Tensor) -> torch.Tensor:
@@ -109,6 +109,11 @@ class MPlugPreTrainedModel(PreTrainedModel):
         elif isinstance(module, CLIPVisionTransformer):
             init.normal_(module.pos_embed, std=std)
             init.normal_(module.cls_token, std=std)
+            if self.config.vision_config.position_init == "sincos":
+                grid = self.config.image_size // self.config.vision_config.patch_size
+                table = module.pos_embed.detach().clone()  # the class position keeps its random row
+                table[0, 1:] = sincos_position_table(grid, table.shape[-1])
+                init.copy_(module.pos_embed, table)  # a no-op for a loaded table, as every init here
         if isinstance(module, MPlugForPretraining):
             # A derived, non-persistent buffer: `from_pretrained` leaves it unset otherwise.
             module.word_start.fill_(True)

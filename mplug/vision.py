@@ -32,6 +32,23 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     )  # fmt: skip
 
 
+def sincos_position_table(grid: int, width: int) -> torch.Tensor:
+    """MAE's fixed 2-D position code -> (grid * grid, width), rows in row-major patch order: the
+    first half of the channels encodes the column, the second the row, each as sines and cosines
+    at `width / 4` frequencies from 1 to 1/10000 per patch."""
+    if width % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs a width divisible by 4, got {width}")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (W/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def code(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.flatten().double()[:, None] * omega[None]  # (grid², W/4)
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+
+    return torch.cat([code(cols), code(rows)], dim=1).float()
+
+
 class CLIPVisionTransformer(VisionTransformer):
     """timm ViT configured as CLIP's visual tower; any image size (multiple of the patch) works."""
 

@@ -225,3 +225,30 @@ def test_itc_without_queue_trains_and_enqueues_nothing():
     out.loss.backward()
     model.momentum_update(out)  # must not fail on an empty queue
     assert model.image_queue.shape[1] == 0
+
+
+def test_sincos_position_table_from_scratch_and_a_loaded_table_wins(tmp_path) -> None:
+    from mplug.vision import sincos_position_table
+
+    table = sincos_position_table(4, 16)  # 4x4 patches, 8 channels per axis
+    assert table.shape == (16, 16) and float(table.abs().max()) <= 1.0
+    cols, rows = torch.arange(16) % 4, torch.arange(16) // 4
+    for i in range(16):  # first half: the column alone; second half: the row alone
+        assert torch.equal(table[i, :8], table[int(cols[i]), :8])
+        assert torch.equal(table[i, 8:], table[int(rows[i]) * 4, 8:])
+    assert len({tuple(r.tolist()) for r in table}) == 16
+
+    model = _tiny()  # tiny starts from the table (position_init="sincos")
+    grid = model.config.image_size // model.config.vision_config.patch_size
+    expected = sincos_position_table(grid, model.config.vision_config.hidden_size)
+    torch.testing.assert_close(model.visual_encoder.pos_embed[0, 1:], expected)
+    torch.testing.assert_close(model.visual_encoder_m.pos_embed[0, 1:], expected)
+    with torch.no_grad():
+        model.visual_encoder.pos_embed.mul_(3.0)
+    model.save_pretrained(tmp_path / "m")
+    loaded = MPlugForPretraining.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded.visual_encoder.pos_embed, model.visual_encoder.pos_embed)
+    normal = MPlugConfig.preset("tiny", vision_config={"position_init": "normal"})
+    assert normal.vision_config.position_init == "normal"
+    with pytest.raises(ValueError, match="position_init"):
+        MPlugConfig.preset("tiny", vision_config={"position_init": "learned"})
