@@ -148,6 +148,7 @@ def finetuned(
     torch.manual_seed(0)
     model = task.build_model()
     load_run_weights(model, init)
+    task.after_initial_weights(model)
     losses = finetune(task, model, rows, epochs=epochs, batch_size=task.job.data.batch_size)
     return task, model, losses
 

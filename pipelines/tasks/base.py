@@ -7,6 +7,7 @@ task only through this interface, so adding a task touches none of them:
 - `transform(train)`: the Ray Data row transform (a class built once per worker process, and its
   keyword arguments) that turns processed rows into fixed-shape training or evaluation rows;
 - `build_model()`: its model (shared towers + its heads) from the job's `MPlugConfig`;
+  `after_initial_weights(model)`: what it initialises once those weights are in (a new run only);
 - `prepare_step` / `loss` / `after_step`: one optimizer step over a list of micro-batches;
 - `predict` / `score`: evaluation (model + eval batches -> per-row predictions -> metrics), and
   its `primary_metric` with its `mode`.
@@ -77,6 +78,11 @@ class Task:
     def model_class(self) -> type:
         """The class whose `from_pretrained` loads this task's exported model."""
         raise NotImplementedError
+
+    def after_initial_weights(self, model: nn.Module) -> list[str]:
+        """Called once when a run starts (never on resume), after `model.init` and the tower
+        sources are loaded: initialise what those weights never trained. Returns log lines."""
+        return []
 
     def flops_per_sample(self) -> float:
         """Model FLOPs of one training sample (forward + backward), for MFU."""

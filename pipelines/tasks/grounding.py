@@ -46,6 +46,19 @@ class GroundingTask(Task):
     def build_model(self) -> nn.Module:
         return self.model_class()(self.model_config)
 
+    def after_initial_weights(self, model: nn.Module) -> list[str]:
+        from pipelines.train.init import init_architecture
+
+        if self.job.grounding.bin_init == "keep":
+            return []
+        init = self.job.model.init
+        if init and init_architecture(init) == self.model_class().__name__:
+            return [f"box bins kept as trained: model.init {init} is a grounding model"]
+        model.init_box_bins()
+        return [
+            f"box bins: the {model.num_bins} coordinate tokens start from an ordinal code (grounding.bin_init)"
+        ]
+
     def flops_per_sample(self) -> float:
         from mplug import flops
 

@@ -174,6 +174,12 @@ class GroundingSection(_Strict):
 
     crop_probability: float = Field(0.5, ge=0, le=1, description="training crops that keep the box")
     iou_threshold: float = Field(0.5, gt=0, le=1, description="a prediction is correct at IoU ≥ this")
+    bin_init: Literal["keep", "ordinal"] = Field(
+        "keep",
+        description="the coordinate tokens' start: keep = as loaded (official: BERT's [unused] rows); "
+        "ordinal = a code in which neighbouring bins start alike, written when the run starts unless "
+        "model.init is a grounding model",
+    )
 
 
 class TrainConfig(_Strict):

@@ -12,6 +12,7 @@ loaded, ignored with a logged reason, or an error naming it.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,6 +54,16 @@ def resolve_init(uri: str) -> InitSource:
         f"model.init {uri!r}: neither an official checkpoint file ({'/'.join(OFFICIAL_SUFFIXES)}) nor a "
         f"folder with {MODEL_FILE} (a run's final/ or checkpoint_*/), nor a run folder with final/{MODEL_FILE}"
     )
+
+
+def init_architecture(uri: str) -> str | None:
+    """The model class a run of ours at `uri` saved (its config.json `architectures`); None for an
+    official checkpoint, which does not say."""
+    source = resolve_init(uri)
+    if source.kind != "run":
+        return None
+    saved = json.loads(storage.read_text(storage.join(source.uri, "config.json")))
+    return (saved.get("architectures") or [None])[0]
 
 
 def check_sources(section: ModelSection) -> list[str]:

@@ -115,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             log.info(f"[mplug] resumed from step {state.step} (checkpoint {checkpoint.path})")
     else:
-        for line in load_initial_weights(model, job.model):
+        for line in load_initial_weights(model, job.model) + task.after_initial_weights(model):
             if rank == 0:
                 log.info(f"[mplug] {line}")
     _seed(job.run.seed * 1000 + rank)  # per-rank masks, negatives and augmentation

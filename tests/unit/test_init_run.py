@@ -56,3 +56,59 @@ def test_sources_resolve_or_are_refused_by_name(pretrained_run, tmp_path) -> Non
     with pytest.raises(FileNotFoundError, match="init_text"):
         check_sources(ModelSection(init_text=str(tmp_path)))
     assert check_sources(ModelSection()) == []
+
+
+def _grounding_task(tmp_path, init: str, bin_init: str):
+    from pipelines.tasks import task_class
+    from pipelines.train.config import load_config
+    from pipelines.train.launch import build_model_config
+
+    job = load_config("jobs/configs/finetune_grounding_tiny.yaml",
+                      {"model.init": init, "grounding.bin_init": bin_init, "model.overrides.box_bins": 9})  # fmt: skip
+    return task_class("grounding")(job, build_model_config(job))
+
+
+def _bin_rows(model) -> torch.Tensor:
+    from mplug.grounding import FIRST_BIN_TOKEN_ID
+
+    weight = model.text_decoder.embeddings.word_embeddings.weight
+    return weight[FIRST_BIN_TOKEN_ID : FIRST_BIN_TOKEN_ID + model.num_bins].detach().clone()
+
+
+def test_grounding_bins_start_ordinal_from_a_pretraining_and_stay_trained_from_a_grounding_run(
+    tmp_path,
+) -> None:
+    from mplug.grounding import ordinal_bin_code
+    from pipelines.train.init import load_run_weights
+
+    run = tmp_path / "pretrain"
+    task = _grounding_task(tmp_path, str(run), "ordinal")
+    torch.manual_seed(0)
+    MPlugForPretraining(task.model_config).save_pretrained(run / "final")
+    model = task.build_model()
+    load_run_weights(model, str(run / "final"))
+    loaded = _bin_rows(model)
+    lines = task.after_initial_weights(model)
+    assert "ordinal code" in lines[0]
+    written = _bin_rows(model)
+    assert not torch.equal(written, loaded)
+    torch.testing.assert_close(
+        torch.nn.functional.normalize(written, dim=1), ordinal_bin_code(9, written.shape[1])
+    )
+
+    # A grounding model's own bins are trained: continuing from it keeps them.
+    with torch.no_grad():
+        model.text_decoder.embeddings.word_embeddings.weight.add_(0.5)
+    model.save_pretrained(tmp_path / "grounding" / "final")
+    again = _grounding_task(tmp_path, str(tmp_path / "grounding"), "ordinal")
+    continued = again.build_model()
+    load_run_weights(continued, str(tmp_path / "grounding" / "final"))
+    assert "kept as trained" in again.after_initial_weights(continued)[0]
+    torch.testing.assert_close(_bin_rows(continued), written + 0.5)
+
+    # `keep` (the default, official) leaves the loaded rows alone.
+    official = _grounding_task(tmp_path, str(run), "keep")
+    kept = official.build_model()
+    load_run_weights(kept, str(run / "final"))
+    assert official.after_initial_weights(kept) == []
+    torch.testing.assert_close(_bin_rows(kept), loaded)

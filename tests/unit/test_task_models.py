@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mplug import MPlugConfig
 from mplug.caption import MPlugForCaptioning
 from mplug.classification import MPlugForImageTextClassification
-from mplug.grounding import FIRST_BIN_TOKEN_ID, MPlugForGrounding
+from mplug.grounding import FIRST_BIN_TOKEN_ID, MPlugForGrounding, ordinal_bin_code
 from mplug.retrieval import MPlugForRetrieval
 from mplug.vqa import MPlugForQuestionAnswering, sequence_nll
 
@@ -141,3 +142,35 @@ def test_retrieval_treats_captions_of_one_image_as_positives() -> None:
     assert same.keys.image_ids.tolist() == [0, 0, 1, 1]
     model.momentum_update(same)
     assert model.idx_queue[:4].tolist() == [0, 0, 1, 1] and int(model.queue_ptr) == 4
+
+
+def test_ordinal_bin_code_makes_neighbouring_coordinates_alike() -> None:
+    code = ordinal_bin_code(65, 128)
+    assert code.shape == (65, 128)
+    assert torch.allclose(code.norm(dim=1), torch.ones(65))
+    similarity = code @ code.T
+    # Similarity falls with the distance between bins, near and far, from either end.
+    for anchor in (0, 32, 64):
+        by_distance = [similarity[anchor, anchor + d * (1 if anchor < 32 else -1)] for d in (1, 4, 12)]
+        assert by_distance[0] > 0.9 > by_distance[1] > 0.3 > by_distance[2]
+    assert torch.equal(code, ordinal_bin_code(65, 128)), "the code is fixed, not drawn per call"
+
+
+def test_init_box_bins_writes_the_code_into_the_tied_decoder_rows_only() -> None:
+    torch.manual_seed(0)
+    model = MPlugForGrounding(_cfg(box_bins=9))
+    weight = model.text_decoder.embeddings.word_embeddings.weight
+    before = weight.detach().clone()
+    with torch.no_grad():
+        model.text_decoder.head.bias.fill_(-3.0)
+    model.init_box_bins()
+    bins = slice(FIRST_BIN_TOKEN_ID, FIRST_BIN_TOKEN_ID + 9)
+    rows = F.normalize(weight[bins].detach(), dim=1)
+    assert torch.allclose(rows, ordinal_bin_code(9, weight.shape[1]), atol=1e-6)
+    assert torch.allclose(weight[bins].norm(dim=1), before.norm(dim=1).mean().expand(9), rtol=1e-4)
+    outside = torch.ones(weight.shape[0], dtype=torch.bool)
+    outside[bins] = False
+    assert torch.equal(weight[outside], before[outside])
+    assert (model.text_decoder.head.bias[bins] == 0).all() and (
+        model.text_decoder.head.bias[outside] == -3
+    ).all()
