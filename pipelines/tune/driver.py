@@ -292,11 +292,15 @@ def trial_rows(grid, plan: SearchPlan, space: SearchSpace) -> list[dict[str, Any
 
 
 def best_row(plan: SearchPlan, rows: list[dict]) -> dict | None:
+    """The trial with the best metric; of tied ones, the one that ran the most epochs. ASHA
+    stops a trial tied with the cut at its rung as it stops a worse one, and only a trial that
+    ran to the end exports `final/`: a tie must not pick a trial that left no model."""
     key = "best_" + plan.metric
-    scored = [r for r in rows if r[key] == r[key]]  # not NaN
+    scored = [r for r in rows if r[key] not in (None, "") and float(r[key]) == float(r[key])]  # not NaN
     if not scored:
         return None
-    return (max if plan.mode == "max" else min)(scored, key=lambda r: r[key])
+    sign = 1.0 if plan.mode == "max" else -1.0
+    return max(scored, key=lambda r: (sign * float(r[key]), float(r.get("epochs_run") or 0.0)))
 
 
 def write_results(plan: SearchPlan, rows: list[dict]) -> None:
@@ -422,19 +426,24 @@ def summary(plan: SearchPlan, rows: list[dict], elapsed_s: float) -> str:
 
 
 def best_trial_model(plan: SearchPlan) -> str:
-    """`final/` of the search's best trial (from its results.csv)."""
+    """`final/` of the best trial that exported one (from results.csv): a trial stopped early
+    keeps only its checkpoints, so when the best one was stopped (its best epoch came before
+    its rung) the model is the next best's, and this says so."""
     rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(plan.uri, "results.csv")))))
-    key = "best_" + plan.metric
-    scored = [r for r in rows if r.get(key) not in (None, "", "nan")]
-    if not scored:
+    ranked: list[dict] = []
+    while (best := best_row(plan, [r for r in rows if r not in ranked])) is not None:
+        final = storage.join(plan.uri, best["trial"], "final")
+        if storage.exists(storage.join(final, "config.json")):
+            if ranked:
+                print(f"  best trial {ranked[0]['trial']} ({ranked[0].get('status')}) exported no model; "
+                      f"using {best['trial']}, the best one that did: {final}", flush=True)  # fmt: skip
+            return final
+        ranked.append(best)
+    if not ranked:
         raise ValueError(
             f"search {plan.name!r} has no trial with a {plan.metric}: see {plan.uri}/results.csv"
         )
-    best = (max if plan.mode == "max" else min)(scored, key=lambda r: float(r[key]))
-    final = storage.join(plan.uri, best["trial"], "final")
-    if not storage.exists(storage.join(final, "config.json")):
-        raise FileNotFoundError(
-            f"best trial {best['trial']} of search {plan.name!r} ({best.get('status')}) exported no model "
-            f"at {final}: a trial stopped early keeps only its checkpoints; train best.yaml in full"
-        )
-    return final
+    raise FileNotFoundError(
+        f"no trial of search {plan.name!r} exported a model under {plan.uri} (trials stopped early keep only "
+        f"their checkpoints): train best.yaml in full"
+    )

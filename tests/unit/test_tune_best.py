@@ -1,0 +1,85 @@
+"""Which trial a search reports as best, and which model it hands to `mplug evaluate`."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+
+from pipelines.tune.driver import SearchPlan, best_row, best_trial_model
+
+
+def _plan(root: str, mode: str = "max") -> SearchPlan:
+    return SearchPlan(task="snli_ve", base={}, space_source="space.yaml", storage=root, name="search",
+                      num_samples=3, max_concurrent=2, scheduler="asha", search="random",
+                      metric="eval_accuracy", mode=mode, max_epochs=2, trial_cpus=1.0, trial_gpus=0.0,
+                      trial_retries=0)  # fmt: skip
+
+
+def _write(plan: SearchPlan, rows: list[dict], exported: tuple[str, ...]) -> None:
+    os.makedirs(plan.uri, exist_ok=True)
+    with open(os.path.join(plan.uri, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for trial in exported:
+        os.makedirs(os.path.join(plan.uri, trial, "final"))
+        with open(os.path.join(plan.uri, trial, "final", "config.json"), "w") as f:
+            f.write("{}")
+
+
+def _row(trial: str, score: float, epochs: float, status: str) -> dict:
+    return {
+        "trial": trial,
+        "best_eval_accuracy": score,
+        "best_epoch": 0.0,
+        "epochs_run": epochs,
+        "status": status,
+    }
+
+
+def test_a_tie_goes_to_the_trial_that_ran_to_the_end(tmp_path) -> None:
+    # The demo's ASHA search where both trials stayed on the majority label: the first one was
+    # stopped at its rung and left no model.
+    plan = _plan(str(tmp_path))
+    rows = [_row("a", 33.33, 1.0, "stopped early"), _row("b", 33.33, 2.0, "finished")]
+    assert best_row(plan, rows)["trial"] == "b"
+    _write(plan, rows, exported=("b",))
+    assert best_trial_model(plan) == os.path.join(plan.uri, "b", "final")
+
+
+def test_min_mode_and_nan_scores(tmp_path) -> None:
+    plan = _plan(str(tmp_path), mode="min")
+    rows = [
+        _row("a", float("nan"), 2.0, "error"),
+        _row("b", 0.9, 2.0, "finished"),
+        _row("c", 0.7, 2.0, "finished"),
+    ]
+    assert best_row(plan, rows)["trial"] == "c"
+    assert best_row(plan, [rows[0]]) is None
+
+
+def test_a_better_trial_stopped_early_hands_over_to_the_best_that_exported_a_model(tmp_path, capsys) -> None:
+    # "a" peaked before its rung and was stopped there: best.yaml is still its configuration,
+    # but only "c" (second best that finished) has a model to evaluate.
+    plan = _plan(str(tmp_path))
+    rows = [
+        _row("a", 60.0, 1.0, "stopped early"),
+        _row("b", 40.0, 2.0, "finished"),
+        _row("c", 50.0, 2.0, "finished"),
+    ]
+    _write(plan, rows, exported=("b", "c"))
+    assert best_row(plan, rows)["trial"] == "a"
+    assert best_trial_model(plan) == os.path.join(plan.uri, "c", "final")
+    assert "best trial a (stopped early) exported no model; using c" in capsys.readouterr().out
+
+
+def test_no_exported_model_is_an_error_that_says_what_to_do(tmp_path) -> None:
+    plan = _plan(str(tmp_path))
+    _write(plan, [_row("a", 60.0, 1.0, "stopped early")], exported=())
+    with pytest.raises(FileNotFoundError, match="train best.yaml in full"):
+        best_trial_model(plan)
+    _write(_plan(str(tmp_path / "nan")), [_row("a", float("nan"), 1.0, "error")], exported=())
+    with pytest.raises(ValueError, match="no trial with a eval_accuracy"):
+        best_trial_model(_plan(str(tmp_path / "nan")))
