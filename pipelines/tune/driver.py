@@ -291,16 +291,21 @@ def trial_rows(grid, plan: SearchPlan, space: SearchSpace) -> list[dict[str, Any
     return rows
 
 
-def best_row(plan: SearchPlan, rows: list[dict]) -> dict | None:
-    """The trial with the best metric; of tied ones, the one that ran the most epochs. ASHA
-    stops a trial tied with the cut at its rung as it stops a worse one, and only a trial that
-    ran to the end exports `final/`: a tie must not pick a trial that left no model."""
+def ranked_rows(plan: SearchPlan, rows: list[dict]) -> list[dict]:
+    """Trials with a metric, best first; of tied ones, the one that ran the most epochs first.
+    ASHA stops a trial tied with the cut at its rung as it stops a worse one, and only a trial
+    that ran to the end exports `final/`: a tie must not pick a trial that left no model."""
     key = "best_" + plan.metric
     scored = [r for r in rows if r[key] not in (None, "") and float(r[key]) == float(r[key])]  # not NaN
-    if not scored:
-        return None
     sign = 1.0 if plan.mode == "max" else -1.0
-    return max(scored, key=lambda r: (sign * float(r[key]), float(r.get("epochs_run") or 0.0)))
+    return sorted(
+        scored, key=lambda r: (sign * float(r[key]), float(r.get("epochs_run") or 0.0)), reverse=True
+    )
+
+
+def best_row(plan: SearchPlan, rows: list[dict]) -> dict | None:
+    ranked = ranked_rows(plan, rows)
+    return ranked[0] if ranked else None
 
 
 def write_results(plan: SearchPlan, rows: list[dict]) -> None:
@@ -430,15 +435,14 @@ def best_trial_model(plan: SearchPlan) -> str:
     keeps only its checkpoints, so when the best one was stopped (its best epoch came before
     its rung) the model is the next best's, and this says so."""
     rows = list(csv.DictReader(io.StringIO(storage.read_text(storage.join(plan.uri, "results.csv")))))
-    ranked: list[dict] = []
-    while (best := best_row(plan, [r for r in rows if r not in ranked])) is not None:
-        final = storage.join(plan.uri, best["trial"], "final")
+    ranked = ranked_rows(plan, rows)
+    for row in ranked:
+        final = storage.join(plan.uri, row["trial"], "final")
         if storage.exists(storage.join(final, "config.json")):
-            if ranked:
+            if row is not ranked[0]:
                 print(f"  best trial {ranked[0]['trial']} ({ranked[0].get('status')}) exported no model; "
-                      f"using {best['trial']}, the best one that did: {final}", flush=True)  # fmt: skip
+                      f"using {row['trial']}, the best one that did: {final}", flush=True)  # fmt: skip
             return final
-        ranked.append(best)
     if not ranked:
         raise ValueError(
             f"search {plan.name!r} has no trial with a {plan.metric}: see {plan.uri}/results.csv"
