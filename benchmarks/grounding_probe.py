@@ -1,8 +1,9 @@
 """How many steps before mPLUG-tiny's box decoder reads *where* something is: grounding
 finetuning on held-out data, the decoder's coordinate error measured as training goes.
 
-Two cases. `single`: one square of a random colour and size on a grey image, the expression
-always "the shape", so the box is only in the image. `refcoco`: the shapes-world referring
+Three cases. `single`: one square of a random colour and size on a grey image, the expression
+always "the shape", so the box is only in the image. `colour`: 2-4 squares of different colours,
+"the <colour> shape": the decoder must find the named one. `refcoco`: the shapes-world referring
 expressions (`mplug synth --tasks grounding`), optionally one `--family` of them. Runs the
 grounding task's own transform, loss (`finetune_grounding_tiny.yaml`) and `train_step`
 in-process, from scratch or from `--init` (a run's `final/`), with the vision tower's
@@ -47,6 +48,40 @@ def single_object_rows(n: int, seed: int, size: int = 64) -> list[dict]:
     return rows
 
 
+def colour_choice_rows(n: int, seed: int, size: int = 64) -> list[dict]:
+    """2-4 squares of different colours in different cells of the 3x3 grid (the shapes world's
+    layout and sizes), the expression "the <colour> shape" for one of them: which one is only
+    told by colour, where it is only by the image."""
+    from PIL import Image, ImageDraw
+
+    from pipelines.data.synth import COLOURS
+
+    names = list(COLOURS)
+    rng = np.random.default_rng(seed)
+    rows = []
+    cell = size / 3
+    for i in range(n):
+        count = int(rng.integers(2, 5))
+        cells = rng.choice(9, size=count, replace=False)
+        colours = rng.choice(len(names), size=count, replace=False)
+        im = Image.new("RGB", (size, size), (150, 150, 150))
+        draw = ImageDraw.Draw(im)
+        boxes = []
+        for c, k in zip(cells, colours):
+            side = float(rng.choice([0.18 * size, 0.30 * size]))
+            x = (c % 3) * cell + rng.uniform(0, max(0.0, cell - side))
+            y = (c // 3) * cell + rng.uniform(0, max(0.0, cell - side))
+            draw.rectangle([x, y, x + side, y + side], fill=COLOURS[names[k]])
+            boxes.append([x, y, side, side])
+        target = int(rng.integers(count))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=95)
+        rows.append({"key": f"{seed}-{i}", "image": buf.getvalue(), "caption": f"the {names[colours[target]]} shape",
+                     "width": size, "height": size, "orig_width": size, "orig_height": size,
+                     "bbox": boxes[target]})  # fmt: skip
+    return rows
+
+
 def family(expression: str) -> str:
     """Which family of `synth_tasks.referring_expression` an expression comes from."""
     if any(f" {r} " in f" {expression} " for r in ("left of", "right of", "above", "below")):
@@ -62,7 +97,7 @@ def family(expression: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=("single", "refcoco"), default="single")
+    parser.add_argument("--case", choices=("single", "colour", "refcoco"), default="single")
     parser.add_argument(
         "--num", type=int, default=2000, help="single: training images; refcoco: images per split pool"
     )
@@ -84,6 +119,8 @@ def main() -> None:
 
     if args.case == "single":
         train, test = single_object_rows(args.num, seed=0), single_object_rows(200, seed=1)
+    elif args.case == "colour":
+        train, test = colour_choice_rows(args.num, seed=0), colour_choice_rows(200, seed=1)
     else:
         root = os.path.join(args.workdir or tempfile.mkdtemp(prefix="mplug-grounding-"), "data")
         files = render_task_annotations(root, num=args.num, seed=1, image_size=64, tasks=("grounding",))

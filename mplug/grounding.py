@@ -104,10 +104,16 @@ class MPlugForGrounding(MPlugPreTrainedModel):
         return masked
 
     def forward(
-        self, images: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor, boxes: torch.Tensor
+        self,
+        images: torch.Tensor,
+        text_ids: torch.Tensor,
+        text_mask: torch.Tensor,
+        boxes: torch.Tensor,
+        weighted: bool = True,
     ) -> MPlugGroundingOutput:
         """images (B, 3, S, S) letterboxed squares; text_ids/mask (B, L) the expression; boxes
-        (B, 4) normalised (cx, cy, w, h) in the square."""
+        (B, 4) normalised (cx, cy, w, h) in the square. `weighted=False`: plain token
+        cross-entropy, without the official L1 and (1 − GIoU) weights."""
         memory, memory_mask = self._memory(images, text_ids, text_mask)
         b = images.shape[0]
         targets = self.boxes_to_tokens(boxes)  # (B, 4)
@@ -120,7 +126,7 @@ class MPlugForGrounding(MPlugPreTrainedModel):
             pred = self.tokens_to_boxes(logits.argmax(-1))
             l1 = F.l1_loss(pred, boxes.float(), reduction="none").clamp(0, 5)  # (B, 4)
             giou = generalized_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(boxes.float()))  # (B,)
-        loss = (nll * l1 * (1 - giou)[:, None]).mean()
+        loss = (nll * l1 * (1 - giou)[:, None]).mean() if weighted else nll.mean()
         return MPlugGroundingOutput(loss, pred)
 
     @torch.no_grad()

@@ -89,6 +89,7 @@ class GroundingTask(Task):
             text_ids=batch["text_ids"],
             text_mask=batch["text_mask"],
             boxes=batch["boxes"],
+            weighted=self.job.grounding.loss == "weighted",
         )
         return out.loss, {"loss": out.loss}, out
 

@@ -180,6 +180,11 @@ class GroundingSection(_Strict):
         "ordinal = a code in which neighbouring bins start alike, written when the run starts unless "
         "model.init is a grounding model",
     )
+    loss: Literal["weighted", "cross_entropy"] = Field(
+        "weighted",
+        description="weighted = the official loss (each coordinate token's cross-entropy times its "
+        "L1 error and 1 - GIoU of the decoded box); cross_entropy = the plain token cross-entropy",
+    )
 
 
 class TrainConfig(_Strict):

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from mplug import MPlugConfig
 from mplug.caption import MPlugForCaptioning
 from mplug.classification import MPlugForImageTextClassification
-from mplug.grounding import FIRST_BIN_TOKEN_ID, MPlugForGrounding, ordinal_bin_code
+from mplug.grounding import FIRST_BIN_TOKEN_ID, START_TOKEN_ID, MPlugForGrounding, ordinal_bin_code
+from mplug.metrics import box_cxcywh_to_xyxy, generalized_box_iou
 from mplug.retrieval import MPlugForRetrieval
 from mplug.vqa import MPlugForQuestionAnswering, sequence_nll
 
@@ -116,6 +117,28 @@ def test_grounding_boxes_are_bin_tokens_and_decoding_stays_in_the_bins() -> None
     assert out.loss.isfinite() and out.loss > 0
     with pytest.raises(ValueError, match="box bins"):
         MPlugForGrounding(_cfg(box_bins=1000))
+
+
+def test_grounding_loss_is_the_official_weighted_one_unless_plain_cross_entropy_is_asked() -> None:
+    torch.manual_seed(0)
+    model = MPlugForGrounding(_cfg()).eval()
+    x = model.example_inputs(3)
+    boxes = torch.tensor([[0.3, 0.4, 0.2, 0.2], [0.6, 0.5, 0.3, 0.1], [0.5, 0.5, 0.5, 0.5]])
+    weighted = model(x["images"], x["input_ids"], x["attention_mask"], boxes)
+    plain = model(x["images"], x["input_ids"], x["attention_mask"], boxes, weighted=False)
+    # Plain: the mean negative log-probability of the four target bins, among the bins only.
+    memory, memory_mask = model._memory(x["images"], x["input_ids"], x["attention_mask"])
+    targets = model.boxes_to_tokens(boxes)
+    inputs = torch.cat([torch.full((3, 1), START_TOKEN_ID), targets[:, :3]], dim=1)
+    hidden, _ = model.text_decoder(inputs, torch.ones_like(inputs), memory, memory_mask)
+    bins = model.text_decoder.logits(hidden)[..., FIRST_BIN_TOKEN_ID : FIRST_BIN_TOKEN_ID + model.num_bins]
+    nll = -bins.log_softmax(-1).gather(-1, (targets - FIRST_BIN_TOKEN_ID)[..., None]).squeeze(-1)
+    torch.testing.assert_close(plain.loss, nll.mean())
+    # Weighted: each token's NLL times its decoded coordinate's L1 error and the box's 1 - GIoU.
+    l1 = (weighted.pred_boxes - boxes).abs()
+    giou = generalized_box_iou(box_cxcywh_to_xyxy(weighted.pred_boxes), box_cxcywh_to_xyxy(boxes))
+    torch.testing.assert_close(weighted.loss, (nll * l1 * (1 - giou)[:, None]).mean())
+    torch.testing.assert_close(plain.pred_boxes, weighted.pred_boxes)
 
 
 def test_pair_classifier_reads_both_images_in_order() -> None:
