@@ -25,7 +25,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "unit or integration or e2e" --durations=15 $(PYTEST_ARGS)
 
-# Not part of `make test`: the learning margins need ~25 min of finetuning on 2 cores.
+# Not part of `make test`: the learning margins need ~50 min of finetuning on 2 cores.
 test-learning: $(STAMP)
 	$(BIN)/python -m pytest -m learning tests/learning --durations=0 $(PYTEST_ARGS)
 

@@ -119,6 +119,7 @@ def test_nlvr2_beats_the_majority_label(world: World) -> None:
     assert accuracy > majority + 3.0, f"NLVR2 {accuracy:.1f} vs majority label {majority:.1f}"
 
 
+@pytest.mark.timeout(2400)  # ~23 min of the suite's ~50 (6,000 steps and 1,465 evaluations)
 def test_grounding_beats_always_pointing_at_the_largest_object(world: World, tmp_path) -> None:
     from pipelines.data.synth_tasks import render_task_annotations, task_baselines
 
