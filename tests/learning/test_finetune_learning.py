@@ -53,6 +53,7 @@ def world(tmp_path_factory) -> World:
     return World(root, files, baselines, ft.save_run(model, os.path.join(work, "pretrain")))
 
 
+@pytest.mark.timeout(1800)  # its setup pretrains the shared model (~200 s); CE + 600 SCST steps ~11 min
 def test_captioning_beats_the_constant_caption_and_scst_raises_its_cider(world: World, tmp_path) -> None:
     train, test = world.rows("caption", "train"), world.rows("caption", "test")
     task, model, _ = ft.finetuned("caption", world.pretrained, train, epochs=3)
