@@ -28,6 +28,15 @@ import torch
 FAMILIES = ("relation", "attributes", "position", "comparative", "extreme")
 
 
+def _row(key: str, im, caption: str, bbox: list[float]) -> dict:
+    """One row as ingest writes it, for a square test image."""
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95)
+    size = im.size[0]
+    return {"key": key, "image": buf.getvalue(), "caption": caption, "width": size, "height": size,
+            "orig_width": size, "orig_height": size, "bbox": bbox}  # fmt: skip
+
+
 def single_object_rows(n: int, seed: int, size: int = 64) -> list[dict]:
     """Rows as ingest writes them: one square (11.5 or 19.2 px, the shapes world's two sizes)."""
     from PIL import Image, ImageDraw
@@ -41,10 +50,7 @@ def single_object_rows(n: int, seed: int, size: int = 64) -> list[dict]:
         ImageDraw.Draw(im).rectangle(
             [x, y, x + side, y + side], fill=tuple(int(c) for c in rng.integers(0, 255, 3))
         )
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=95)
-        rows.append({"key": f"{seed}-{i}", "image": buf.getvalue(), "caption": "the shape", "width": size,
-                     "height": size, "orig_width": size, "orig_height": size, "bbox": [x, y, side, side]})  # fmt: skip
+        rows.append(_row(f"{seed}-{i}", im, "the shape", [x, y, side, side]))
     return rows
 
 
@@ -74,11 +80,7 @@ def colour_choice_rows(n: int, seed: int, size: int = 64) -> list[dict]:
             draw.rectangle([x, y, x + side, y + side], fill=COLOURS[names[k]])
             boxes.append([x, y, side, side])
         target = int(rng.integers(count))
-        buf = io.BytesIO()
-        im.save(buf, "JPEG", quality=95)
-        rows.append({"key": f"{seed}-{i}", "image": buf.getvalue(), "caption": f"the {names[colours[target]]} shape",
-                     "width": size, "height": size, "orig_width": size, "orig_height": size,
-                     "bbox": boxes[target]})  # fmt: skip
+        rows.append(_row(f"{seed}-{i}", im, f"the {names[colours[target]]} shape", boxes[target]))
     return rows
 
 
