@@ -53,3 +53,39 @@ def test_a_flipped_image_is_rewarded_for_describing_what_it_shows(tmp_path) -> N
     assert flipped > unflipped + 1.0
     assert other_image < 0.05  # scored against its own image's references
     assert torch.all(rewards == rewards[:, :1])  # the same caption in every beam, the same reward
+
+
+def test_an_scst_step_makes_the_better_rewarded_caption_of_an_image_more_likely(tmp_path) -> None:
+    from mplug.caption import token_log_probs
+    from pipelines.tasks.caption import sequence_with_start
+
+    task = _scst_task(tmp_path)
+    torch.manual_seed(0)
+    model = task.build_model().eval()  # no dropout: the two log-probabilities are compared exactly
+    cfg, tokenizer = task.model_config, load_tokenizer()
+    said = ["two green triangles", "a red circle", "a red circle", "two green triangles"]
+    generated = tokenizer(said, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
+    generated = torch.cat([generated, torch.full((4, 1), tokenizer.pad_token_id)], dim=1)
+    generated[torch.arange(4), (generated != tokenizer.pad_token_id).sum(1)] = tokenizer.sep_token_id
+    ids, mask = sequence_with_start(cfg.cls_token_id, cfg.pad_token_id_text, cfg.sep_token_id, generated)
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # image 0's first caption, image 1's second
+
+    def mean_log_prob() -> torch.Tensor:
+        with torch.no_grad():
+            memory, memory_mask = model.visual_memory(images)
+            logp = token_log_probs(model.text_decoder, ids, mask, memory, memory_mask)
+            return logp.sum(1) / mask[:, 1:].sum(1)
+
+    before = mean_log_prob()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model(images=images, caption_ids=ids, caption_mask=mask, rewards=rewards).loss.backward()
+    optimizer.step()
+    gain = (mean_log_prob() - before).view(2, 2)
+    # Per image, the caption above its beams' mean reward gains log-probability over the other.
+    assert gain[0, 0] > gain[0, 1] and gain[1, 1] > gain[1, 0], gain
+
+    model.zero_grad()
+    model(images=images, caption_ids=ids, caption_mask=mask, rewards=torch.ones(2, 2)).loss.backward()
+    # Equal rewards: no advantage, no gradient (the baseline is the image's own beams' mean).
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
