@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--scst-lr", type=float, help="the SCST stage's lr (default: its config's)")
     parser.add_argument("--scst-set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for the SCST stage, e.g. data.crop_min_scale=1.0")  # fmt: skip
+    parser.add_argument("--scst-every", type=int, default=0, metavar="K",
+                        help="also score the held-out images every K SCST steps (its trajectory)")  # fmt: skip
+    parser.add_argument("--scst-seed", type=int, default=0, help="the SCST stage's data order")
     parser.add_argument("--score-train", type=int, default=0, metavar="N",
                         help="also score N training images unaugmented: not learning vs not generalising")  # fmt: skip
     parser.add_argument("--workdir", help="keep the data and the pretrained model here (reused when there)")
@@ -108,6 +111,8 @@ def main() -> None:
                 args.scst_lr,
                 parse_set_args(args.scst_set),
                 args.score_train,
+                args.scst_every,
+                args.scst_seed,
             )
 
 
@@ -121,8 +126,11 @@ def _scst(
     lr: float | None,
     overrides: dict,
     score_train: int,
+    every: int = 0,
+    seed: int = 0,
 ) -> None:
-    """The SCST stage from the CE-finetuned `model`, scored as the CE stage is."""
+    """The SCST stage from the CE-finetuned `model`, scored as the CE stage is (and, with
+    `every`, on the held-out images every `every` steps)."""
     from tests import finetune as ft
 
     task = ft.task_from_config(
@@ -137,8 +145,17 @@ def _scst(
     started = time.perf_counter()
     batch = task.job.data.batch_size
     rewards: list[float] = []
+
+    def after_step(step: int, result) -> None:
+        rewards.append(float(result.values["reward"]))
+        if every and step % every == 0 and step < steps:
+            cider = ft.evaluate(task, model, test, setup)[0]["CIDEr"]
+            model.train()
+            print(json.dumps({"task": "caption_scst", "step": step, "CIDEr": round(cider, 3),
+                              "mean_beam_reward_last": round(sum(rewards[-every:]) / every, 3)}), flush=True)  # fmt: skip
+
     ft.finetune(task, model, train, epochs=-(-steps * batch // len(train)), batch_size=batch, max_steps=steps,
-                after_step=lambda step, result: rewards.append(float(result.values["reward"])))  # fmt: skip
+                seed=seed, after_step=after_step)  # fmt: skip
     train_s = time.perf_counter() - started
     metrics, _, predictions = ft.evaluate(task, model, test, setup)
     tenth = max(1, len(rewards) // 10)
