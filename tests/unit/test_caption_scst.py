@@ -57,17 +57,14 @@ def test_a_flipped_image_is_rewarded_for_describing_what_it_shows(tmp_path) -> N
 
 def test_an_scst_step_makes_the_better_rewarded_caption_of_an_image_more_likely(tmp_path) -> None:
     from mplug.caption import token_log_probs
-    from pipelines.tasks.caption import sequence_with_start
 
     task = _scst_task(tmp_path)
     torch.manual_seed(0)
     model = task.build_model().eval()  # no dropout: the two log-probabilities are compared exactly
-    cfg, tokenizer = task.model_config, load_tokenizer()
+    cfg = task.model_config
     said = ["two green triangles", "a red circle", "a red circle", "two green triangles"]
-    generated = tokenizer(said, add_special_tokens=False, padding=True, return_tensors="pt")["input_ids"]
-    generated = torch.cat([generated, torch.full((4, 1), tokenizer.pad_token_id)], dim=1)
-    generated[torch.arange(4), (generated != tokenizer.pad_token_id).sum(1)] = tokenizer.sep_token_id
-    ids, mask = sequence_with_start(cfg.cls_token_id, cfg.pad_token_id_text, cfg.sep_token_id, generated)
+    tokens = load_tokenizer()(said, padding=True, return_tensors="pt")  # [CLS] caption [SEP] [PAD]*
+    ids, mask = tokens["input_ids"], tokens["attention_mask"]
     images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # image 0's first caption, image 1's second
 
