@@ -12,27 +12,40 @@ import json
 import time
 from pathlib import Path
 
+from jobs.cli import add_command
+
 DEMO_TASKS = ("snli_ve", "vqa", "nlvr2", "retrieval", "grounding", "caption")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
+    p = add_command(
+        sub, "demo",
         help="the whole pipeline at small size, locally: synth, ingest, pretrain, tune a finetuning task, evaluate",
+        description="On a local Ray instance: render the synthetic shapes world, ingest it with Ray Data, "
+        "pretrain mPLUG-tiny with Ray Train workers, score zero-shot retrieval beside chance, search a "
+        "finetuning task's learning rates with Ray Tune (ASHA) and evaluate the best trial beside the task's "
+        "baseline. Every artefact lands under --output.",
+        examples=["mplug demo", "mplug demo --task vqa --output /tmp/demo_vqa"],
+    )  # fmt: skip
+    p.add_argument("--output", default="demo_out", metavar="URI",
+                   help="folder or URI used as object storage for every artefact")  # fmt: skip
+    p.add_argument("--num-images", type=int, default=3000, metavar="N",
+                   help="caption scenes (80/10/10 train/val/test)")  # fmt: skip
+    p.add_argument("--task-images", type=int, default=500, metavar="N",
+                   help="images per pool of the finetuning task")  # fmt: skip
+    p.add_argument("--max-steps", type=int, default=250, metavar="N", help="pretraining steps")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="pretraining samples per worker")
+    p.add_argument("--num-workers", type=int, default=2, metavar="N", help="pretraining Ray Train workers")
+    p.add_argument("--image-size", type=int, default=64, metavar="PX", help="image side the model sees")
+    p.add_argument("--task", default="snli_ve", choices=DEMO_TASKS, help="the finetuning task tuned")
+    p.add_argument("--trials", type=int, default=4, metavar="N",
+                   help="Tune trials (ASHA stops the weak ones early)")  # fmt: skip
+    p.add_argument(
+        "--trial-epochs", type=int, default=3, metavar="N", help="finetuning epochs of a full trial"
     )
     p.add_argument(
-        "--output", default="demo_out", help="folder or URI used as object storage for every artefact"
+        "--seed", type=int, default=0, help="data, initial weights and trial samples follow from it"
     )
-    p.add_argument("--num-images", type=int, default=3000, help="caption scenes (80/10/10 train/val/test)")
-    p.add_argument("--task-images", type=int, default=500, help="images per pool of the finetuning task")
-    p.add_argument("--max-steps", type=int, default=250, help="pretraining steps")
-    p.add_argument("--batch-size", type=int, default=32, help="per worker")
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--task", default="snli_ve", choices=DEMO_TASKS, help="the finetuning task tuned")
-    p.add_argument("--trials", type=int, default=4, help="Tune trials (ASHA stops the weak ones early)")
-    p.add_argument("--trial-epochs", type=int, default=3, help="finetuning epochs of a full trial")
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
 

@@ -6,13 +6,22 @@ import argparse
 import platform
 import sys
 
+from jobs.cli import add_command
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("env", help="print library versions, devices, Ray reachability, tokenizer path")
+    p = add_command(
+        sub, "env",
+        help="print library versions, devices, Ray reachability, tokenizer path",
+        description="What this environment would run with: Python, torch, Ray, transformers and timm "
+        "versions, CPUs and GPUs, the packaged tokenizer, and whether a Ray cluster answers. Exit "
+        "status 1 when the packaged tokenizer is missing.",
+        examples=["mplug env", "mplug env --address ray://head:10001"],
+    )  # fmt: skip
     p.add_argument(
         "--address",
         default=None,
-        help="Ray cluster to probe (e.g. ray://host:10001 or host:6379); default $RAY_ADDRESS, else none",
+        help="Ray cluster to probe, e.g. ray://host:10001 or host:6379 (default: $RAY_ADDRESS, else none)",
     )
     p.set_defaults(func=run)
 

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from jobs.cli import CONFIG_DIR, resolve_config
+from jobs.cli import add_command, check_config, shipped_configs
 
 # CLI flag (argparse dest) → IngestConfig key, for flags that override YAML keys.
 FLAG_KEYS = {
@@ -32,6 +32,9 @@ FLAG_KEYS = {
     "overwrite": "overwrite",
 }
 
+# Flags that set what a shipped config may leave as a placeholder (`CHANGE-ME`).
+PLACEHOLDER_FLAGS = {"input": "--input URI", "output": "--output URI", "image_root": "--image-root URI"}
+
 # Exit statuses: 0 done; 2 invalid config or refused (an output written with other settings);
 # 3 done, but some input could not be read (rows rejected as bad_shard: see OUTPUT/rejects/).
 EXIT_INVALID = 2
@@ -39,8 +42,16 @@ EXIT_BAD_SHARDS = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "ingest",
+    from pipelines.data.ingest import IngestConfig
+
+    defaults = {k: f.default for k, f in IngestConfig.model_fields.items()}
+
+    def default(key: str) -> str:  # a flag left out keeps the YAML's value, else the field's
+        value = defaults[key]
+        return f"default: the config's {key}, else {f'{value:,}' if type(value) is int else value}"
+
+    p = add_command(
+        sub, "ingest",
         help="turn raw image-text pairs (parquet, webdataset, JSON, URL lists) into clean training shards",
         description="Read raw pairs from s3://, gs://, file:// or a path; decode, validate, resize, clean "
         "captions and drop exact duplicates on Ray Data; write OUTPUT/data/*.parquet, every rejected row "
@@ -49,68 +60,110 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or the YAML; "
         "a GCS emulator from STORAGE_EMULATOR_HOST. --format json reads the tasks' official annotation "
         "files unchanged (captions/retrieval, COCO Karpathy, VQA, RefCOCO-style grounding, NLVR2, SNLI-VE; "
-        "a JSON array or JSON Lines). Exit status: 0 done; 2 invalid config, or the output was written "
+        "a JSON array or JSON Lines).\n\nExit status: 0 done; 2 invalid config, or the output was written "
         "with other settings; 3 done, but an input file (or part of one) could not be read and was "
-        "counted as bad_shard rejects.",
-    )
-    p.add_argument("--config", help="YAML (path/URI) or a shipped name: " + ", ".join(shipped_configs()))
-    p.add_argument("--input", help="input URI: one file or a folder of shards")
+        "counted as bad_shard rejects; 1 any other failure.",
+        examples=[
+            "mplug ingest --input demo_out/raw/train --format parquet --output demo_out/processed/train",
+            "mplug ingest --config ingest_coco_karpathy --input s3://bucket/coco/dataset_coco.json "
+            "--image-root s3://bucket/coco/images --output s3://bucket/processed/coco_train",
+        ],
+    )  # fmt: skip
+    p.add_argument("--config", metavar="NAME|YAML",
+                   help="ingest YAML (path or URI) or a shipped one: " + ", ".join(shipped_configs("ingest"))
+                   + " (default: none; every value from the flags)")  # fmt: skip
     p.add_argument(
-        "--format",
-        choices=["parquet", "webdataset", "json", "urls"],
-        help="parquet (encoded images), webdataset tars, json annotations + --image-root, urls (URL lists)",
+        "--input", metavar="URI", help="one file or a folder of shards (required, here or in the config)"
     )
-    p.add_argument("--output", help="output URI (gets data/, rejects/, stats.json)")
-    p.add_argument("--image-root", help="json: URI that the annotations' image paths are relative to")
     p.add_argument(
-        "--splits",
-        type=lambda text: [s for s in text.split(",") if s],
-        help="json: keep only entries whose `split` is one of these, comma-separated (e.g. train,restval)",
-    )
+        "--format", choices=["parquet", "webdataset", "json", "urls"],
+        help="parquet (encoded images), webdataset tars, json annotations + --image-root, urls (URL lists) "
+        "(required, here or in the config)",
+    )  # fmt: skip
+    p.add_argument("--output", metavar="URI",
+                   help="gets data/, rejects/, stats.json (required, here or in the config)")  # fmt: skip
+    p.add_argument("--image-root", metavar="URI",
+                   help="json: what the annotations' image paths are relative to (required with json; default: none)")  # fmt: skip
+    p.add_argument(
+        "--splits", metavar="A,B", type=lambda text: [s for s in text.split(",") if s],
+        help="json: keep only entries whose `split` is one of these, e.g. train,restval (default: every entry)",
+    )  # fmt: skip
     p.add_argument("--image-column", help="column with encoded image bytes (default: image/jpg/png/webp)")
     p.add_argument("--caption-column", help="caption column (default: caption/TEXT/text/txt)")
     p.add_argument("--key-column", help="row id column (default: key; else generated)")
     p.add_argument("--url-column", help="URL column (default: url/URL)")
-    p.add_argument("--image-size", type=int, help="shorter side of stored images in pixels (default 256)")
     p.add_argument(
-        "--min-image-size", type=int, help="reject images whose shorter side is smaller (default 32)"
+        "--image-size",
+        type=int,
+        metavar="PX",
+        help=f"shorter side of stored images ({default('image_size')})",
+    )
+    p.add_argument("--min-image-size", type=int, metavar="PX",
+                   help=f"reject images whose shorter side is smaller ({default('min_image_size')})")  # fmt: skip
+    p.add_argument("--max-aspect-ratio", type=float, metavar="R",
+                   help=f"reject long/short side ratios above this ({default('max_aspect_ratio')})")  # fmt: skip
+    p.add_argument("--max-image-pixels", type=int, metavar="N",
+                   help=f"decompression-bomb guard ({default('max_image_pixels')})")  # fmt: skip
+    p.add_argument(
+        "--max-words",
+        type=int,
+        metavar="N",
+        help=f"captions are cut to this many words ({default('max_words')})",
     )
     p.add_argument(
-        "--max-aspect-ratio", type=float, help="reject long/short side ratios above this (default 3)"
+        "--rows-per-shard",
+        type=int,
+        metavar="N",
+        help=f"rows per output parquet file ({default('rows_per_shard')})",
     )
-    p.add_argument("--max-image-pixels", type=int, help="decompression-bomb guard (default 25e6)")
-    p.add_argument("--max-words", type=int, help="captions are cut to this many words (default 30)")
-    p.add_argument("--rows-per-shard", type=int, help="rows per output parquet file (default 10000)")
+    p.add_argument("--rows-per-unit", type=int, metavar="N",
+                   help=f"json/urls: annotation rows per work unit ({default('rows_per_unit')})")  # fmt: skip
+    p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"drop exact duplicate pairs ({default('dedupe')})")  # fmt: skip
+    p.add_argument("--num-workers", type=int, metavar="N",
+                   help="concurrent ingest tasks (default: the config's num_workers, else every cluster CPU)")  # fmt: skip
     p.add_argument(
-        "--rows-per-unit", type=int, help="json/urls: annotation rows per work unit (default 1000)"
-    )
-    p.add_argument(
-        "--dedupe", action=argparse.BooleanOptionalAction, default=None, help="drop exact duplicate pairs"
-    )
-    p.add_argument("--num-workers", type=int, help="concurrent ingest tasks (default: every cluster CPU)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        default=None,
-        help="clear the output first (without it, an output written with other settings is refused)",
-    )
-    p.add_argument("--address", help="Ray cluster address; default $RAY_ADDRESS, else a local instance")
+        "--overwrite", action="store_true", default=None,
+        help="clear the output first; without it, an output written with other settings is refused "
+        "(default: off)",
+    )  # fmt: skip
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
-def shipped_configs() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("ingest_*.yaml"))
-
-
 def build_config(args: argparse.Namespace):
-    from pipelines.data.ingest import IngestConfig
+    """The validated IngestConfig: the YAML (`--config`), then the flags."""
+    from pydantic import ValidationError
+
+    from pipelines.data.ingest import IngestConfig, format_validation_error
+    from pipelines.train.config import ConfigError
 
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()}
-    path = resolve_config(args.config)
-    if path is not None:
-        return IngestConfig.from_yaml(path, **overrides)
-    return IngestConfig.model_validate({k: v for k, v in overrides.items() if v is not None})
+    path = check_config(args.config, "ingest")
+    try:
+        if path is not None:
+            return IngestConfig.from_yaml(path, **overrides)
+        return IngestConfig.model_validate({k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as err:
+        raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
+
+
+def check_before_ray(config) -> None:
+    """Everything about an ingest that needs no cluster, checked before Ray starts."""
+    from pipelines import storage
+    from pipelines.train.config import ConfigError, check_placeholders
+
+    check_placeholders(config.model_dump(mode="json"), PLACEHOLDER_FLAGS)
+    if config.format == "json" and not config.image_root:
+        raise ConfigError(
+            "--format json needs --image-root URI (or image_root in the config): the folder the "
+            "annotations' image paths are relative to"
+        )
+    if config.image_root and config.format != "json":
+        raise ConfigError(f"--image-root applies to --format json only, not {config.format}")
+    if not storage.exists(config.input):
+        raise ConfigError(f"--input {config.input!r} does not exist")
 
 
 def format_summary(stats: dict) -> str:
@@ -131,17 +184,12 @@ def format_summary(stats: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from pipelines import storage
     from pipelines.cluster import init_ray, quiet_ray_data
-    from pipelines.data.ingest import SettingsMismatch, format_validation_error, run_ingest
+    from pipelines.data.ingest import SettingsMismatch, run_ingest
 
-    try:
-        config = build_config(args)
-    except ValidationError as err:
-        print(f"mplug ingest: invalid config: {format_validation_error(err)}", file=sys.stderr)
-        return EXIT_INVALID
+    config = build_config(args)
+    check_before_ray(config)  # config errors exit 2 (jobs.cli.main) before Ray starts
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     init_ray(args.address)
     if args.quiet:

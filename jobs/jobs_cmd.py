@@ -8,29 +8,39 @@ import json
 import sys
 from datetime import datetime
 
+from jobs.cli import add_command
 from jobs.submission import SubmissionError, cluster_errors, connect, job_command, masked_runtime_env
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "jobs",
+    p = add_command(
+        sub, "jobs",
         help="list the jobs on a Ray cluster, show one's status or logs, stop one",
         description="The jobs of a Ray cluster through its Jobs API, with the same address and token "
         "lookup as `mplug submit`.",
-    )
+        examples=[
+            "mplug jobs list --address http://head:8265",
+            "mplug jobs logs pretrain-base --follow --address http://head:8265",
+        ],
+    )  # fmt: skip
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    for name, help_text in (
-        ("list", "every job: id, status, start time, command"),
-        ("status", "one job's status, message, command and what shipped with it"),
-        ("logs", "one job's driver log (--follow: until it ends)"),
-        ("stop", "ask a running job to stop"),
-    ):
-        a = actions.add_parser(name, help=help_text)
+    for name, help_text, example in (
+        ("list", "every job: id, status, start time, command", "mplug jobs list --address http://head:8265"),
+        ("status", "one job's status, message, command and what shipped with it",
+         "mplug jobs status pretrain-base --address http://head:8265"),
+        ("logs", "one job's driver log (--follow: until it ends)",
+         "mplug jobs logs pretrain-base --follow --address http://head:8265"),
+        ("stop", "ask a running job to stop", "mplug jobs stop pretrain-base --address http://head:8265"),
+    ):  # fmt: skip
+        a = add_command(actions, name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                        examples=[example])  # fmt: skip
         if name != "list":
             a.add_argument("job_id", metavar="ID", help="the submission id (`mplug jobs list`)")
         if name == "logs":
             a.add_argument("--follow", action="store_true", help="stream new lines until the job ends")
-        a.add_argument("--address", help="dashboard address, e.g. http://127.0.0.1:8265 (see `mplug submit`)")
+        a.add_argument(
+            "--address", help="dashboard address, e.g. http://127.0.0.1:8265 (default: as `mplug submit`)"
+        )
         a.set_defaults(func=run)
 
 

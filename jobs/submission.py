@@ -236,7 +236,8 @@ def parse_mplug_command(words: list[str]) -> argparse.Namespace:
     """Check `words` (an `mplug` subcommand and its arguments) with the real `mplug` parser,
     here, before anything is submitted; a `--config`/`--space` must name a shipped config, a
     file or a URI. Returns the parsed arguments."""
-    from jobs.cli import build_parser, resolve_config
+    from jobs.cli import build_parser, check_config, resolve_config
+    from pipelines.train.config import ConfigError
 
     if not words:
         raise SubmissionError("no command after `--`: e.g. `mplug submit -- env`", exit_code=2)
@@ -256,14 +257,15 @@ def parse_mplug_command(words: list[str]) -> argparse.Namespace:
         value = getattr(args, flag, None)
         if value is None:
             continue
-        resolved = resolve_config(value)
-        if "://" not in resolved and not Path(resolved).is_file():
-            from jobs.cli import CONFIG_DIR
-
-            shipped = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-            raise SubmissionError(
-                f"--{flag} {value!r} is neither a shipped config ({shipped}) nor a file", exit_code=2
-            )
+        kind = "space" if flag == "space" else "ingest" if args.command == "ingest" else "train"
+        task = None if kind == "ingest" else getattr(args, "fixed_task", None) or getattr(args, "task", None)
+        try:
+            # A shipped name or a local file is checked in full here; a URI may need the
+            # cluster's credentials, and is read there.
+            if "://" not in resolve_config(value, kind=kind, flag=f"--{flag}"):
+                check_config(value, kind, task=task, flag=f"--{flag}")
+        except ConfigError as err:
+            raise SubmissionError(str(err), exit_code=2) from None
     return args
 
 

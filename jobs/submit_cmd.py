@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 
+from jobs.cli import add_command
 from jobs.submission import (
     SHIP_MODES,
     SubmissionError,
@@ -24,27 +25,36 @@ from jobs.submission import (
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "submit",
+    p = add_command(
+        sub, "submit",
         help="run an mplug command on a Ray cluster (Ray Jobs API, token auth)",
+        examples=[
+            "mplug submit --address http://head:8265 --wait -- pretrain --config pretrain_tiny "
+            "--data s3://bucket/processed --storage s3://bucket/runs --name tiny",
+            "mplug submit --address http://head:8265 --env AWS_ACCESS_KEY_ID --env AWS_SECRET_ACCESS_KEY "
+            "--name ingest-laion -- ingest --config ingest_laion_urls --input s3://bucket/laion.parquet "
+            "--output s3://bucket/processed/laion",
+        ],
         description="Submit `mplug SUBCOMMAND ARGS…` (the words after `--`) as a Ray job, e.g. "
         "`mplug submit --wait -- pretrain --config pretrain_tiny --data s3://… --storage s3://…`. "
         "The command is checked here with the real parser first. The token is found as Ray's clients "
         "find it ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) and sent only as the "
         "request's Authorization header. Exit status: 0 submitted (with --wait: the job succeeded); "
         "the job's own exit status when it failed under --wait; 1 refused or failed; 2 invalid command.",
-    )
+    )  # fmt: skip
     p.add_argument(
         "--address",
-        help="the cluster's dashboard (Jobs API) address, e.g. http://127.0.0.1:8265; default "
-        "$RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS, else a cluster started on this machine",
+        help="the cluster's dashboard (Jobs API) address, e.g. http://127.0.0.1:8265 (default: "
+        "$RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS, else a cluster started on this machine)",
     )
     p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its status")
     p.add_argument(
         "--name",
-        help="the job's submission id: a named job is never started twice (a second submit says it exists)",
+        help="the job's submission id: a named job is never started twice (a second submit says it "
+        "exists) (default: an id Ray generates)",
     )
-    p.add_argument("--gpus", type=float, default=None, help="GPUs reserved for the command's driver process")
+    p.add_argument("--gpus", type=float, default=None, metavar="N",
+                   help="GPUs reserved for the command's driver process (default: none)")  # fmt: skip
     p.add_argument(
         "--env",
         action="append",
@@ -64,10 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--python",
         default="python",
-        help="the interpreter that runs the command on the head (default: `python` on the PATH `ray "
-        "start` ran with; give a full path if that is not the environment with Ray)",
+        help="the interpreter that runs the command on the head, found on the PATH `ray start` ran with; "
+        "give a full path if that is not the environment with Ray",
     )
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- SUBCOMMAND [ARGS…]")
+    p.add_argument(
+        "command", nargs=argparse.REMAINDER, help="-- SUBCOMMAND [ARGS…]: the mplug command to run"
+    )
     p.set_defaults(func=run)
 
 

@@ -5,46 +5,62 @@ from __future__ import annotations
 
 import argparse
 
+from jobs.cli import add_command
+from pipelines.train.config import ConfigError
+
 TASK_NAMES = ("vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve")  # = synth_tasks.TASKS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "synth",
+    p = add_command(
+        sub, "synth",
         help="render the synthetic shapes-world corpus (train/val/test) in any ingest input format",
+        examples=[
+            "mplug synth --output demo_out/raw --num 3000",
+            "mplug synth --output demo_out/raw_tasks --num 500 --format json --tasks vqa,snli_ve --baselines",
+        ],
         description="Scenes of coloured shapes, deterministic by seed. Without --tasks: a caption corpus "
         "(1-3 shapes, rich captions) written as img2dataset parquet or webdataset shards, ALBEF JSON "
         "annotations or URL lists. With --tasks (needs --format json): JPEG images plus the official "
         "annotation files of each finetuning task: vqa_{split}.json, dataset_coco.json + caption_{split}.json, "
         "retrieval_{split}.json, grounding_{split}.json, nlvr2_{split}.json, snli_ve_{split}.json, and "
         "scenes_{split}.json (each image's objects); OUTPUT is their image root.",
+    )  # fmt: skip
+    p.add_argument(
+        "--output", required=True, metavar="URI", help="output URI (s3://, gs://, file:// or a path)"
     )
-    p.add_argument("--output", required=True, help="output URI (s3://, gs://, file:// or a path)")
     p.add_argument(
         "--num",
         type=int,
         required=True,
         help="number of scenes over all splits (per task image pool with --tasks)",
     )
-    p.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "json", "urls"])
+    p.add_argument("--format", default="parquet", choices=["parquet", "webdataset", "json", "urls"],
+                   help="the ingest input format written (json: ALBEF-style annotations + images)")  # fmt: skip
     p.add_argument(
         "--tasks",
-        help=f"comma-separated finetuning tasks to write annotations for (with --format json): {','.join(TASK_NAMES)}",
+        metavar="T1,T2",
+        help="comma-separated finetuning tasks to write annotations for (with --format json): "
+        f"{','.join(TASK_NAMES)} (default: none, the caption corpus)",
     )
     p.add_argument(
         "--baselines",
         action="store_true",
         help="with --tasks: also print each task's model-free baselines on the test split (the figures to beat)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="scenes, captions and splits follow from it")
     p.add_argument("--image-size", type=int, default=96, help="square image side in pixels")
     p.add_argument(
         "--corrupt-per-kind", type=int, default=0, help="bad records of each kind added to the train split"
     )
     p.add_argument(
-        "--split-fractions", default="0.8,0.1,0.1", help="train,val,test fractions (default 0.8,0.1,0.1)"
+        "--split-fractions",
+        default="0.8,0.1,0.1",
+        metavar="TRAIN,VAL,TEST",
+        help="fractions of the scenes per split",
     )
-    p.add_argument("--url-base", help="urls format: HTTP address that will serve OUTPUT")
+    p.add_argument("--url-base", metavar="URL",
+                   help="urls format: the HTTP address that will serve OUTPUT (required with --format urls)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -52,27 +68,29 @@ def _tasks(value: str, fmt: str, corrupt_per_kind: int) -> tuple[str, ...]:
     tasks = tuple(t.strip() for t in value.split(",") if t.strip())
     unknown = [t for t in tasks if t not in TASK_NAMES]
     if unknown or not tasks:
-        raise SystemExit(f"--tasks {value!r}: unknown {unknown}; valid tasks: {','.join(TASK_NAMES)}")
+        raise ConfigError(f"--tasks {value!r}: unknown {unknown}; valid tasks: {','.join(TASK_NAMES)}")
     if fmt != "json":
-        raise SystemExit(
+        raise ConfigError(
             f"--tasks writes the tasks' official JSON annotation files: use --format json, not {fmt}"
         )
     if corrupt_per_kind:
-        raise SystemExit("--corrupt-per-kind applies to the caption corpus, not to --tasks")
+        raise ConfigError("--corrupt-per-kind applies to the caption corpus, not to --tasks")
     return tasks
 
 
 def _refuse_baselines_without_tasks(args: argparse.Namespace) -> None:
     if args.baselines and args.tasks is None:
-        raise SystemExit("--baselines reports the finetuning tasks' baselines: add --tasks")
+        raise ConfigError("--baselines reports the finetuning tasks' baselines: add --tasks")
 
 
 def run(args: argparse.Namespace) -> int:
     _refuse_baselines_without_tasks(args)
+    if args.format == "urls" and not args.url_base:
+        raise ConfigError("--format urls needs --url-base URL: the HTTP address that will serve --output")
     try:
         fractions = tuple(float(x) for x in args.split_fractions.split(","))
     except ValueError:
-        raise SystemExit(
+        raise ConfigError(
             f"--split-fractions {args.split_fractions!r}: expected three numbers like 0.8,0.1,0.1"
         ) from None
     if args.tasks is not None:

@@ -4,29 +4,43 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.cli import CONFIG_DIR, resolve_config
+from jobs.cli import add_command, check_config, shipped_configs
 from jobs.train_cmd import add_job_arguments, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pipelines.tasks import TASKS
 
-    spaces = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("tune_*.yaml"))) or "(none)"
-    p = sub.add_parser(
-        "tune",
+    p = add_command(
+        sub, "tune",
         help="search finetuning hyperparameters with Ray Tune (ASHA, optional Optuna); resumable",
         description="Each trial finetunes through the training core with its sampled values and is scored on "
-        "--eval-data every epoch. Results go to STORAGE/NAME (results.csv, best.yaml, search.png, every "
-        "trial's run). Relaunching the same command finishes an interrupted search.",
+        "--eval-data every epoch; ASHA (asynchronous successive halving) stops the weaker trials early. "
+        "Results go to STORAGE/NAME (results.csv, best.yaml, search.png, every trial's run). Relaunching "
+        "the same command finishes an interrupted search.",
+        examples=[
+            "mplug tune --task snli_ve --config finetune_snli_ve_tiny --space tune_tiny --data processed/snli_ve_train "
+            "--eval-data processed/snli_ve_val --init runs/pretrain-tiny/final --storage runs --name search "
+            "--num-samples 4",
+            "mplug tune --task vqa --config finetune_vqa_base --space tune_vqa --init s3://bucket/mplug_base.pth "
+            "--data s3://bucket/vqa_train --eval-data s3://bucket/vqa_val --storage s3://bucket/tune "
+            "--name vqa-lr --search optuna",
+        ],
+    )  # fmt: skip
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="the task every trial finetunes")
+    p.add_argument("--space", required=True, metavar="NAME|YAML",
+                   help=f"search-space YAML (path or URI) or a shipped one: {', '.join(shipped_configs('space'))}")  # fmt: skip
+    add_job_arguments(p, [c for c in shipped_configs("train") if c.startswith("finetune_")])
+    p.add_argument("--num-samples", type=int, default=4, metavar="N", help="trials (× the grid's points)")
+    p.add_argument("--max-concurrent", type=int, metavar="N",
+                   help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")  # fmt: skip
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
+                   help="asha stops weak trials early; fifo runs every trial to the end")  # fmt: skip
+    p.add_argument("--search", choices=["random", "optuna"], default="random",
+                   help="how values are drawn: at random, or proposed by Optuna from the trials so far")  # fmt: skip
+    p.add_argument(
+        "--trial-retries", type=int, default=1, metavar="N", help="times a failed trial is retried"
     )
-    p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--space", required=True, help=f"search-space YAML (path/URI) or a shipped name: {spaces}")
-    add_job_arguments(p, ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("finetune_*.yaml"))))
-    p.add_argument("--num-samples", type=int, default=4, help="trials (× the grid's points)")
-    p.add_argument("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
-    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
-    p.add_argument("--search", choices=["random", "optuna"], default="random")
-    p.add_argument("--trial-retries", type=int, default=1, help="times a failed trial is retried")
     p.set_defaults(func=run, fixed_task=None, needs_init=False)
 
 
@@ -37,14 +51,13 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.name or not args.storage:
         raise ConfigError("tune needs --storage URI and --name SEARCH (the search's folder: STORAGE/SEARCH)")
+    space_uri = check_config(args.space, "space", task=args.task, flag="--space")
     base = config_from_args(args)
     if base.task != "pretrain" and not base.model.init:
-        from pipelines.train.config import ConfigError
-
         raise ConfigError(
             f"tune --task {base.task} finetunes: pass --init URI (or set model.init) to start from"
         )
-    space = load_space(resolve_config(args.space))
+    space = load_space(space_uri)
     plan = plan_search(
         base, space, storage_uri=base.run.storage, name=base.run.name, num_samples=args.num_samples,
         max_concurrent=args.max_concurrent, scheduler=args.scheduler, search=args.search,

@@ -208,6 +208,47 @@ class ConfigError(ValueError):
     """A job config that does not validate; the message names every bad key."""
 
 
+# Shipped configs for real clusters mark what only their user knows (a bucket, the weights to
+# start from) with this; a job still holding it is refused before anything is read or started.
+PLACEHOLDER = "CHANGE-ME"
+# What sets each key a shipped config leaves as a placeholder (other keys: --set KEY=VALUE).
+PLACEHOLDER_FLAGS = {
+    "model.init": "--init STORAGE/RUN or an official checkpoint (mplug_base.pth, mplug_large.pth)",
+    "model.init_vision": "--init-vision URI",
+    "model.init_text": "--init-text URI",
+    "run.storage": "--storage URI",
+    "data.uris": "--data URI",
+    "data.eval_uris": "--eval-data URI",
+}
+
+
+def check_placeholders(values: dict[str, Any], flags: dict[str, str] | None = None) -> None:
+    """Refuse config values (a nested dict, e.g. `job.model_dump()`) that still hold PLACEHOLDER:
+    one line naming each such key, its value and the flag that sets it (`flags`: key → flag,
+    default PLACEHOLDER_FLAGS)."""
+    found: list[tuple[str, str]] = []
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list | tuple):
+            for item in node:
+                walk(item, key)
+        elif isinstance(node, str) and PLACEHOLDER in node:
+            found.append((key, node))
+
+    walk(values, "")
+    hints = PLACEHOLDER_FLAGS if flags is None else flags
+    if found:
+        raise ConfigError(
+            "; ".join(
+                f"{key} is a placeholder ({value}): pass {hints.get(key, f'--set {key}=VALUE')}"
+                for key, value in found
+            )
+        )
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():

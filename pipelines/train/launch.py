@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import Any
 
 from pipelines import storage
-from pipelines.train.config import ConfigError, TrainConfig
+from pipelines.train.config import ConfigError, TrainConfig, check_placeholders
 from pipelines.train.loop import TrainPlan, build_task, train_loop_per_worker
 
 # Forwarded to workers so a custom storage endpoint (MinIO, moto, a GCS emulator) reaches them;
@@ -78,6 +78,7 @@ def plan_run(job: TrainConfig) -> TrainPlan:
     from pipelines.train.init import check_sources
 
     cls = task_class(job.task)
+    check_placeholders(job.model_dump(mode="json"))  # a shipped `CHANGE-ME` names the flag to pass
     if not job.data.uris:
         raise ConfigError("data.uris is empty: pass --data URI (an output of `mplug ingest`)")
     model_cfg = build_model_config(job)
