@@ -334,6 +334,50 @@ def test_readme_links_every_docs_page() -> None:
         assert f"docs/{page.name}" in text, f"README.md does not link docs/{page.name}"
 
 
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = prose(path.read_text())
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def link_problems(path: Path) -> list[str]:
+    """Relative links name files that exist, and headings that exist in them."""
+    problems = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(path.read_text())):
+        if re.match(r"^[a-z]+://|^mailto:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if not linked.exists():
+            problems.append(f"{path.relative_to(ROOT)}: link to {target}: no such file")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+            problems.append(f"{path.relative_to(ROOT)}: link to {target}: no such heading")
+    return problems
+
+
+@pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_resolve(path: Path) -> None:
+    problems = link_problems(path)
+    assert not problems, "\n".join(problems)
+
+
+def test_a_broken_link_fails(tmp_path) -> None:
+    (tmp_path / "other.md").write_text("# Title\n\n## `mplug evaluate`, in short\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("[a](other.md#mplug-evaluate-in-short) [b](other.md#nope) [c](gone.md)\n")
+    global ROOT
+    saved, ROOT = ROOT, tmp_path
+    try:
+        problems = link_problems(doc)
+    finally:
+        ROOT = saved
+    assert problems == [
+        "doc.md: link to other.md#nope: no such heading",
+        "doc.md: link to gone.md: no such file",
+    ]
+
+
 def test_readme_preset_table_is_what_the_code_computes() -> None:
     from benchmarks.model_presets import markdown_table, preset_rows
 
