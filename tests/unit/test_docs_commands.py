@@ -172,6 +172,32 @@ def set_problems(words: list[str]) -> list[str]:
     return []
 
 
+def job_problems(words: list[str]) -> list[str]:
+    """What the command's own pre-Ray checks refuse in its config: the YAML, `--set` and the flags
+    merged and validated, and no shipped `CHANGE-ME` placeholder left (a YAML of the user's, named
+    by path or URI, is theirs to check)."""
+    from pipelines.train.config import ConfigError, check_placeholders
+
+    command = words[0]
+    if command not in (*TRAIN_COMMANDS, "ingest"):
+        return []
+    if any("/" in v or "$" in v for v in _flag_values(words, "--config")):
+        return []
+    args = build_parser().parse_args(words)
+    try:
+        if command == "ingest":
+            from jobs.ingest_cmd import PLACEHOLDER_FLAGS, build_config
+
+            check_placeholders(build_config(args).model_dump(mode="json"), PLACEHOLDER_FLAGS)
+        else:
+            from jobs.train_cmd import config_from_args
+
+            check_placeholders(config_from_args(args).model_dump(mode="json"))
+    except ConfigError as err:
+        return [f"refused before Ray: {str(err).splitlines()[0]}"]
+    return []
+
+
 def command_problems(words: list[str]) -> list[str]:
     """Everything wrong with `mplug WORDS`; the command after `mplug submit … --` too."""
     error = parse_error(words)
@@ -180,6 +206,8 @@ def command_problems(words: list[str]) -> list[str]:
     if not words or words[0].startswith("-"):
         return []
     problems = config_problems(words) + set_problems(words)
+    if not problems:
+        problems = job_problems(words)
     if words[0] == "submit":
         if "--" not in words:
             return [*problems, "mplug submit without `--` before the command"]
@@ -406,6 +434,20 @@ def _doc(*lines: str) -> str:
         (["mplug ingest --config pretrain_tiny --input x"], "not ingest config"),
         (["mplug tune --task vqa --space finetune_vqa_base --config finetune_vqa_base"], "not space config"),
         (["mplug evaluate --task vqa --model m --data d --output o --set vqa.num_beam=3"], "num_beam"),
+        (
+            [
+                "mplug finetune --task vqa --config finetune_vqa_base --data s3://b/x --name n --storage s3://b/r"
+            ],
+            "init",
+        ),
+        (
+            ["mplug pretrain --config pretrain_base --data s3://b/x --name n"],
+            "refused before Ray: run.storage",
+        ),
+        (
+            ["mplug ingest --input s3://b/x --format json --output s3://b/y --image-size 0"],
+            "refused before Ray",
+        ),
         (["B=s3://b && mplug submit --wait -- pretrain --confg pretrain_tiny"], "after --: "),
         (["mplug submit --wait pretrain --config pretrain_tiny"], "without `--`"),
         (["AWS_PROFILE=x .venv/bin/mplug jobs logz pt-tiny"], "invalid choice: 'logz'"),
