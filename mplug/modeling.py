@@ -29,6 +29,7 @@ from mplug.config import MPlugConfig
 from mplug.fusion import FusionEncoder
 from mplug.generation import generate as _generate
 from mplug.objectives import (
+    NO_NEGATIVE,
     TEMP_MAX,
     TEMP_MIN,
     gather_features,
@@ -380,12 +381,16 @@ class MPlugContrastiveModel(MPlugPreTrainedModel):
         if sim_i2t is None:  # without ITC there are no similarities: negatives uniformly at random
             sim_i2t = visual.new_zeros(b, b, dtype=torch.float32)
         neg_text, neg_image = sample_hard_negatives(sim_i2t.detach(), sim_i2t.detach().t(), hard_negatives)
-        # One fused pass over 3B pairs: positives, (image, hard-negative text), (hard-negative image, text).
-        texts = torch.cat([text, text[neg_text], text], dim=0)
-        text_masks = torch.cat([text_mask, text_mask[neg_text], text_mask], dim=0)
-        visuals = torch.cat([visual, visual, visual[neg_image]], dim=0)
-        logits = self.itm_logits(visuals, texts, text_masks)  # (3B, 2)
-        labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
+        # A query whose batch holds no other image has no negative: it keeps only its positive.
+        with_text = (neg_text != NO_NEGATIVE).nonzero().squeeze(1)  # images that got a negative text
+        with_image = (neg_image != NO_NEGATIVE).nonzero().squeeze(1)  # texts that got a negative image
+        # One fused pass: positives, (image, hard-negative text), (hard-negative image, text).
+        texts = torch.cat([text, text[neg_text[with_text]], text[with_image]], dim=0)
+        text_masks = torch.cat([text_mask, text_mask[neg_text[with_text]], text_mask[with_image]], dim=0)
+        visuals = torch.cat([visual, visual[with_text], visual[neg_image[with_image]]], dim=0)
+        logits = self.itm_logits(visuals, texts, text_masks)  # (B + negatives, 2)
+        negatives = len(with_text) + len(with_image)
+        labels = torch.cat([torch.ones(b), torch.zeros(negatives)]).long().to(logits.device)
         return F.cross_entropy(logits.float(), labels)
 
 

@@ -80,24 +80,36 @@ def distill_alpha(alpha: float, epoch: int, step: int, steps_per_epoch: int) -> 
 
 
 # ---- ITM ---------------------------------------------------------------------------------
+NO_NEGATIVE = -1  # a query whose every other candidate is excluded (all captions of one image)
+
+
+def negative_weights(sim: torch.Tensor, hard: bool = True) -> torch.Tensor:
+    """(B, B) sampling weights of each query's negatives: the softmax of the similarities (hard)
+    or uniform, exactly 0 on the positive (diagonal) and on excluded candidates (entries at -inf:
+    other captions of the query's image). A small floor keeps every allowed candidate possible."""
+    eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+    allowed = torch.isfinite(sim) & ~eye
+    logits = sim.float() if hard else torch.zeros_like(sim, dtype=torch.float32)
+    logits = logits.masked_fill(~allowed, -float("inf"))
+    weights = F.softmax(logits, dim=1).nan_to_num(0.0)  # a row with nothing allowed: all 0
+    return (weights + 1e-6) * allowed
+
+
 def sample_hard_negatives(
     sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, hard: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image one negative text, for each text one negative image, drawn from the softmax
-    of the in-batch similarities with the positive excluded. sim_*: (B, B) -> indices (B,), (B,).
-    hard=False draws uniformly from the same candidates (entries at -inf, other captions of the
-    same image, stay excluded)."""
+    of the in-batch similarities (hard=False: uniformly), never the positive and never an excluded
+    candidate (-inf: another caption of the same image). sim_*: (B, B) -> indices (B,), (B,);
+    `NO_NEGATIVE` where a query has no allowed candidate (its batch holds no other image)."""
     with torch.no_grad():
-        if not hard:
-            sim_i2t = torch.where(torch.isfinite(sim_i2t), 0.0, -float("inf"))
-            sim_t2i = torch.where(torch.isfinite(sim_t2i), 0.0, -float("inf"))
-        eye = torch.eye(sim_i2t.shape[0], dtype=torch.bool, device=sim_i2t.device)
-        # A row may be all -inf (every other text is of the same image): nan_to_num makes it uniform.
-        w_i2t = F.softmax(sim_i2t.float(), dim=1).nan_to_num(0.0).masked_fill(eye, 0) + 1e-6 * (~eye)
-        w_t2i = F.softmax(sim_t2i.float(), dim=1).nan_to_num(0.0).masked_fill(eye, 0) + 1e-6 * (~eye)
-        neg_text = torch.multinomial(w_i2t, 1).squeeze(1)  # text index for each image
-        neg_image = torch.multinomial(w_t2i, 1).squeeze(1)  # image index for each text
-    return neg_text, neg_image
+        out = []
+        for sim in (sim_i2t, sim_t2i):
+            weights = negative_weights(sim, hard)
+            has = weights.sum(1) > 0
+            drawn = torch.multinomial(weights.masked_fill(~has[:, None], 1.0), 1).squeeze(1)
+            out.append(drawn.masked_fill(~has, NO_NEGATIVE))
+    return out[0], out[1]
 
 
 # ---- MLM ---------------------------------------------------------------------------------

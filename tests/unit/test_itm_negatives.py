@@ -71,3 +71,51 @@ def test_tasks_draw_uniform_negatives_for_the_configured_first_steps(task_name, 
         prepared = task.prepare_step(model, [batch], StepContext(step, 0, 10))
         task.loss(model, batch, 0, prepared, StepContext(step, 0, 10))
     assert seen == [False, False, True, True]
+
+
+def test_excluded_candidates_have_no_weight_at_all() -> None:
+    """Not even the small floor every allowed candidate gets: another caption of the query's image
+    is never a negative, however similar the rest of the batch is."""
+    from mplug.objectives import negative_weights
+
+    sim = _peaked()
+    for hard in (True, False):
+        weights = negative_weights(sim, hard)
+        rows = torch.arange(B)
+        assert (weights[rows, rows] == 0).all() and (weights[rows, (rows - 1) % B] == 0).all()
+        assert (weights[rows, (rows + 2) % B] > 0).all()
+
+
+def test_a_query_whose_batch_holds_no_other_image_gets_no_negative() -> None:
+    from mplug.objectives import NO_NEGATIVE
+
+    torch.manual_seed(0)
+    sim = torch.zeros(4, 4)
+    sim[:2, :2] = -float("inf")  # rows 0 and 1 are captions of one image, alone in the batch...
+    sim[2:, 2:] = -float("inf")  # ...and so are rows 2 and 3
+    sim[0, :] = -float("inf")  # but row 0's query sees nothing else at all
+    neg_text, _ = sample_hard_negatives(sim, sim.t())
+    assert neg_text[0] == NO_NEGATIVE and neg_text[1] in (2, 3) and neg_text[2] in (0, 1)
+
+
+def test_retrieval_itm_pairs_never_match_a_caption_with_its_own_image() -> None:
+    """A retrieval batch of one image's captions only: ITM trains on the positives alone (no
+    same-image "negative"); with two images every negative is of the other image."""
+    from mplug import MPlugConfig
+    from mplug.retrieval import MPlugForRetrieval
+
+    torch.manual_seed(0)
+    model = MPlugForRetrieval(MPlugConfig.preset("tiny", queue_size=8, text_config={"vocab_size": 1024}))
+    x = model.example_inputs(4)
+    seen: list[int] = []
+    real = model.itm_logits
+
+    def spy(visual, text, mask):
+        seen.append(visual.shape[0])
+        return real(visual, text, mask)
+
+    model.itm_logits = spy
+    out = model(x["images"], x["input_ids"], x["attention_mask"], image_ids=torch.zeros(4, dtype=torch.long))
+    assert seen[-1] == 4 and out.loss_itm.isfinite()  # the 4 positives, no negatives
+    out = model(x["images"], x["input_ids"], x["attention_mask"], image_ids=torch.tensor([0, 0, 1, 1]))
+    assert seen[-1] == 12 and out.loss_itm.isfinite()  # 4 positives + 4 + 4 negatives
