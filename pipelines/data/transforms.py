@@ -255,8 +255,8 @@ class VQATransform:
     """VQA rows. Training: `image`, `question_ids`/`question_mask` (B, Lq), `answer_ids`/
     `answer_mask` (B, A, La) of up to A distinct answers as `[CLS] answer [SEP]`, and
     `answer_weights` (B, A) float32: each answer's share of the human answers (0 in unused
-    slots); a row whose source gave a single answer (Visual Genome) weighs it
-    `single_answer_weight` (official: 0.5). Evaluation: `image`, the question tokens, `key`
+    slots); a row whose `dataset` is a single-answer source (`single_answer_sources`: Visual
+    Genome, "vg") weighs its answer `single_answer_weight` (official: 0.5). Evaluation: `image`, the question tokens, `key`
     (the question id), `question` and `raw_answers` (the human answers, for the official
     metric). A flip swaps "left"/"right" in the question and in the answers.
     """
@@ -272,9 +272,11 @@ class VQATransform:
         crop_min_scale: float = 0.5,
         single_answer_weight: float = 0.5,
         tokenizer_path: str | None = None,
+        single_answer_sources: tuple[str, ...] = ("vg",),
     ) -> None:
         self.train, self.answer_len, self.max_answers = train, answer_len, max_answers
         self.single_answer_weight = single_answer_weight
+        self.single_answer_sources = frozenset(s.lower() for s in single_answer_sources)
         self.tokenize = TextTokenizer(question_len, tokenizer_path)
         self.augment = ImageAugment(
             image_size, train, crop_min_scale, "square", process_rng(seed) if train else None
@@ -287,7 +289,7 @@ class VQATransform:
         )
         if len(weights) != len(answers):
             weights = [1.0 / len(answers)] * len(answers) if answers else []
-        if len(_text_list(row.get("raw_answers"))) == 1:  # a source with one answer per question
+        if str(row.get("dataset") or "").lower() in self.single_answer_sources:  # one answer per question
             weights = [self.single_answer_weight] * len(answers)
         ranked = sorted(zip(answers, weights), key=lambda aw: -aw[1])[: self.max_answers]
         return [a for a, _ in ranked], [w for _, w in ranked]
@@ -476,9 +478,12 @@ class GroundingTransform:
         n = len(batch["key"])
         images, texts, boxes, gt, frames, ratios, sizes = [], [], [], [], [], [], []
         widths, orig_widths = _column(batch, "width", n), _column(batch, "orig_width", n)
+        seeds = row_seeds(batch, n)
         for i, (data, text, bbox) in enumerate(
             zip(batch["image"], _column(batch, "caption", n), batch["bbox"])
         ):
+            if self.train and seeds[i] is not None:  # the row's own draws (the training order's `_seed`)
+                self.rng = np.random.default_rng(seeds[i])
             im = decode_rgb(data)
             box = [float(v) for v in list(bbox)]
             text = str(text or "")

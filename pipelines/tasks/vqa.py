@@ -30,7 +30,7 @@ class VQATask(Task):
     name = "vqa"
     primary_metric = "vqa_accuracy"
     mode = "max"
-    columns = ("key", "image", "question", "answers", "answer_weights", "raw_answers", "image_id")
+    columns = ("key", "image", "question", "answers", "answer_weights", "raw_answers", "dataset", "image_id")
 
     def transform(self, train: bool) -> Transform:
         cfg, job, opts = self.model_config, self.job, self.job.vqa
@@ -38,7 +38,7 @@ class VQATask(Task):
             VQATransform, image_size=cfg.image_size, question_len=cfg.max_text_len, answer_len=opts.answer_len,
             max_answers=opts.max_answers, train=train, seed=job.run.seed,
             crop_min_scale=0.5 if job.data.crop_min_scale is None else job.data.crop_min_scale,
-            single_answer_weight=opts.single_answer_weight,
+            single_answer_weight=opts.single_answer_weight, single_answer_sources=tuple(opts.single_answer_sources),
         )  # fmt: skip
 
     def model_class(self) -> type:
@@ -127,7 +127,7 @@ class VQATask(Task):
             for k, q, a, refs in zip(batch["key"], batch["question"], predicted, batch["raw_answers"])
         ]
 
-    def score(self, predictions: list[dict], model: nn.Module | None = None, setup=None) -> dict[str, float]:
+    def score(self, predictions: list[dict], setup=None, rescored=None) -> dict[str, float]:
         from mplug.metrics import vqa_accuracy
 
         scored = [p for p in predictions if p["answers"]]

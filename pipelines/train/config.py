@@ -133,7 +133,10 @@ class VQASection(_Strict):
 
     answer_len: int = Field(10, gt=2, description="answer tokens incl. [CLS]/[SEP] (targets are cut there)")
     max_answers: int = Field(10, gt=0, description="distinct answers kept per question (by weight)")
-    # A source with one answer per question (Visual Genome) weighs it this much (official 0.5).
+    # Rows whose `dataset` is one of these sources (Visual Genome: one answer per question) weigh
+    # their answer `single_answer_weight` (official 0.5); every other row weighs its answers by
+    # their share of the human answers, however many humans agreed.
+    single_answer_sources: list[str] = Field(default_factory=lambda: ["vg"])
     single_answer_weight: float = Field(0.5, gt=0, le=1)
     num_beams: int = Field(5, gt=0)
     max_length: int = Field(10, gt=0, description="generated answer tokens, [SEP] included")

@@ -75,11 +75,40 @@ def test_chunks_are_whole_groups_on_large_data_and_finer_on_small() -> None:
     assert chunk_rows(1_000, 2) == 31 and chunk_rows(50, 8) == 8
 
 
-def test_augmentation_depends_on_the_row_seed_only() -> None:
+def _task_rows(kind: str) -> tuple[type, dict, dict]:
+    """(transform class, its keyword arguments, two rows of its columns) for each task's transform."""
+    from pipelines.data.transforms import (
+        CaptionTransform,
+        ClassificationTransform,
+        GroundingTransform,
+        RetrievalTransform,
+        VQATransform,
+    )
+
     rows = {"key": objects(["a", "b"]), "image": objects([_png(1), _png(2)]), "caption": objects(["x", "y"])}
+    size = {"image_size": 16}
+    return {
+        "pretrain": (ImageTextTransform, {**size, "max_text_len": 8}, rows),
+        "caption": (CaptionTransform, {**size, "caption_len": 8}, rows),
+        "retrieval": (RetrievalTransform, {**size, "max_text_len": 8}, rows),
+        "vqa": (VQATransform, {**size, "question_len": 8, "answer_len": 4, "max_answers": 2},
+                {**rows, "question": objects(["q", "r"]), "answers": objects([["x"], ["y"]])}),
+        "grounding": (GroundingTransform, {**size, "max_text_len": 8},
+                      {**rows, "bbox": objects([[4.0, 4.0, 8.0, 8.0], [2.0, 6.0, 10.0, 4.0]]),
+                       "width": objects([24, 24]), "height": objects([24, 24])}),
+        "classification": (ClassificationTransform, {**size, "max_text_len": 8, "labels": ("no", "yes")},
+                           {**rows, "label": objects(["yes", "no"])}),
+    }[kind]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "caption", "retrieval", "vqa", "grounding", "classification"])
+def test_augmentation_depends_on_the_row_seed_only(kind: str) -> None:
+    """Every task's training transform draws a row's crop, flip and RandAugment from the row's
+    own seed: the same in any process (another process's stream) and in any batch."""
+    cls, kwargs, rows = _task_rows(kind)
     seeds = np.asarray([row_seed(0, 3, "a"), row_seed(0, 3, "b")], dtype=np.int64)
-    one = ImageTextTransform(image_size=16, max_text_len=8, train=True, seed=1)
-    other = ImageTextTransform(image_size=16, max_text_len=8, train=True, seed=2)  # another process's stream
+    one = cls(train=True, seed=1, **kwargs)
+    other = cls(train=True, seed=2, **kwargs)  # another process's stream
     first = one({**rows, "_seed": seeds})["image"]
     np.testing.assert_array_equal(first, other({**rows, "_seed": seeds})["image"])
     np.testing.assert_array_equal(

@@ -62,6 +62,7 @@ def test_vqa_rows_weigh_answers_by_votes_and_single_sources_as_configured() -> N
             [np.array([0.4, 0.3, 0.2, 0.1], dtype=np.float32), np.array([1.0], dtype=np.float32)]
         ),
         "raw_answers": objects([["red"] * 4 + ["blue"] * 3 + ["green"] * 2 + ["pink"], ["circle"]]),
+        "dataset": objects(["vqa", "vg"]),
     }
     out = train(batch)
     assert out["answer_ids"].shape == (2, 3, 6) and out["answer_weights"].dtype == np.float32
@@ -69,6 +70,10 @@ def test_vqa_rows_weigh_answers_by_votes_and_single_sources_as_configured() -> N
         out["answer_weights"], [[0.4, 0.3, 0.2], [0.5, 0.0, 0.0]]
     )  # top 3; VG-style 0.5
     assert [_decode(out["answer_ids"][0, i]) for i in range(3)] == ["red", "blue", "green"]
+    # The source decides, not the number of answers: a VQA question with one (or ten agreeing)
+    # human answers keeps its full weight; a VG question is single-answer whatever it holds.
+    agreed = {**batch, "dataset": objects(["vg", "vqa"]), "raw_answers": objects([["red"] * 10, ["circle"]])}
+    np.testing.assert_allclose(train(agreed)["answer_weights"], [[0.5, 0.5, 0.5], [1.0, 0.0, 0.0]])
 
 
 def test_vqa_flip_swaps_left_and_right_in_question_and_answers() -> None:
