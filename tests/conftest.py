@@ -1,4 +1,5 @@
-"""Shared test harness: one local Ray instance per session, a real S3 API (moto server).
+"""Shared test harness: one local Ray instance per session, a real S3 API (moto's server, behind
+the storage fault injector of `tests/faults.py`, faults off unless a test switches them on).
 
 Markers: `unit` (no Ray, fast), `integration` (Ray and/or S3), `e2e` (the demo path).
 """
@@ -33,43 +34,37 @@ def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited early with code {proc.returncode}")
+            raise RuntimeError(f"the server on port {port} exited early with code {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError(f"moto_server did not listen on 127.0.0.1:{port} within {timeout}s")
+    raise TimeoutError(f"the server did not listen on 127.0.0.1:{port} within {timeout}s")
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server on a free loopback port; its endpoint and fake credentials go into the
-    environment (as boto3, s3fs and our storage helper read them) before Ray starts, so Ray
-    workers inherit them too. Stopped by pid at session end."""
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-    if moto is None:
-        pytest.fail("moto_server not found: install the test extra (`pip install -e '.[test]'`)")
+    """moto's S3 app behind the fault injector (`tests/faults.py`), in a process of its own on a
+    free loopback port, faults off. Its endpoint and fake credentials go into the environment (as
+    boto3, s3fs and our storage helper read them) before Ray starts, so Ray workers inherit them
+    and see faults whenever a test switches them on (`s3_faults`). Stopped by pid at session end."""
+    from tests import faults
+
+    try:
+        import moto.moto_server.werkzeug_app  # noqa: F401
+    except ImportError:
+        pytest.fail("moto's server is not installed: install the test extra (`pip install -e '.[test]'`)")
     port = free_port()
-    proc = subprocess.Popen(
-        [moto, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = faults.spawn(port)
     endpoint = f"http://127.0.0.1:{port}"
     saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
     try:
-        _wait_for_port(port, proc)
         os.environ.update(S3_ENV)
         os.environ["AWS_ENDPOINT_URL"] = endpoint
         yield endpoint
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        faults.stop(proc)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -109,6 +104,33 @@ class S3Bucket:
             client_kwargs={"endpoint_url": self.endpoint},
             skip_instance_cache=True,
         )
+
+
+_FAULT_COUNTS = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def s3_faults(s3_endpoint: str, request: pytest.FixtureRequest) -> Iterator:
+    """The session S3 endpoint's fault switch (`tests.faults.S3Faults`): `every(n, kinds=...)`,
+    `first_attempts(k)`, `off()`, a context manager, `.injected`. Counts start at zero for the
+    test; faults are off again after it, and what it injected is printed (and listed in the
+    terminal summary)."""
+    from tests.faults import S3Faults
+
+    faults = S3Faults(s3_endpoint).off().reset()
+    yield faults
+    injected = faults.off().injected
+    print(f"\nstorage faults injected by {request.node.name}: {injected}")
+    request.config.stash.setdefault(_FAULT_COUNTS, []).append((request.node.nodeid, injected))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    rows = config.stash.get(_FAULT_COUNTS, [])
+    if rows:
+        terminalreporter.section("storage faults injected")
+        for nodeid, injected in rows:
+            kinds = ", ".join(f"{k} {v}" for k, v in injected.items() if k != "total")
+            terminalreporter.write_line(f"{nodeid}: {injected['total']} ({kinds})")
 
 
 @pytest.fixture
