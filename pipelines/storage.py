@@ -8,6 +8,18 @@ explicitly because older pyarrow builds ignore `AWS_ENDPOINT_URL`.
 GCS uses Application Default Credentials, unless `STORAGE_EMULATOR_HOST` (the variable Google's
 own clients read, e.g. `http://127.0.0.1:9023`) names an emulator: then both pyarrow and gcsfs
 talk to it over its scheme, anonymously.
+
+Retries are the storage clients' own, configured here and nowhere else (docs/faults-and-trust.md):
+`MPLUG_STORAGE_MAX_ATTEMPTS` (default 10: the first attempt and 9 retries) sets pyarrow's S3 retry
+strategy (`AwsStandardS3RetryStrategy`: throttling, 5xx and broken connections, exponential
+backoff with jitter) and botocore's for s3fs (`MPLUG_STORAGE_RETRY_MODE`, default `standard`;
+`adaptive` adds client-side rate limiting). GCS clients retry transient errors by their own
+defaults. One exception, in `_GuardedReader`: the AWS SDK reports a 5xx answer to a ranged read
+smaller than the error body as a non-retryable INTERNAL_FAILURE ("Failed to flush response
+stream"), so pyarrow never retries it; that one read is repeated, up to the same attempts.
+
+An error that remains after the retries comes as `StorageError` naming the URI (a
+`FileNotFoundError` stays what it is), so ingest tells a store that failed from a damaged file.
 """
 
 from __future__ import annotations
@@ -15,12 +27,84 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import time
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 SUPPORTED_SCHEMES = ("s3", "gs", "gcs", "file", "")
+
+MAX_ATTEMPTS_ENV = "MPLUG_STORAGE_MAX_ATTEMPTS"
+RETRY_MODE_ENV = "MPLUG_STORAGE_RETRY_MODE"
+DEFAULT_MAX_ATTEMPTS = 10
+DEFAULT_RETRY_MODE = "standard"
+RETRY_MODES = ("legacy", "standard", "adaptive")  # botocore's
+# The storage settings of this process that workers must share (forwarded by the drivers).
+SETTINGS_ENV = (MAX_ATTEMPTS_ENV, RETRY_MODE_ENV)
+
+
+class StorageError(OSError):
+    """An object store did not serve a request after the client's own retries (throttling,
+    server errors, broken connections, denied access): the object may be fine, the store was not."""
+
+    def __init__(self, uri: str, operation: str, cause: BaseException) -> None:
+        super().__init__(f"{operation} {uri}: {type(cause).__name__}: {cause}")
+        self.uri = uri
+        self.operation = operation
+
+
+class ObjectTooLarge(ValueError):
+    """An object is larger than the limit it was read with (nothing beyond the limit was read)."""
+
+    def __init__(self, uri: str, limit: int) -> None:
+        super().__init__(f"{uri} is larger than {limit} bytes")
+        self.uri = uri
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """The one retry policy of every storage client (see the module docstring)."""
+
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    mode: str = DEFAULT_RETRY_MODE
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> RetrySettings:
+        env = os.environ if environ is None else environ
+        raw = env.get(MAX_ATTEMPTS_ENV) or str(DEFAULT_MAX_ATTEMPTS)
+        try:
+            attempts = int(raw)
+        except ValueError:
+            attempts = 0
+        if attempts < 1:
+            raise ValueError(
+                f"{MAX_ATTEMPTS_ENV}={raw!r}: expected a whole number >= 1 (attempts per request)"
+            )
+        mode = env.get(RETRY_MODE_ENV) or DEFAULT_RETRY_MODE
+        if mode not in RETRY_MODES:
+            raise ValueError(f"{RETRY_MODE_ENV}={mode!r}: valid are {', '.join(RETRY_MODES)}")
+        return cls(max_attempts=attempts, mode=mode)
+
+    def botocore_config_kwargs(self) -> dict:
+        """`botocore.config.Config` keywords (s3fs: `config_kwargs=`; boto3: `Config(**...)`)."""
+        return {"retries": {"mode": self.mode, "max_attempts": self.max_attempts}}
+
+    def s3_retry_strategy(self) -> pafs.S3RetryStrategy:
+        return pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts)
+
+
+def retry_settings() -> RetrySettings:
+    """This process's retry policy, read from its environment at each call."""
+    return RetrySettings.from_env()
+
+
+def settings_env() -> dict[str, str]:
+    """The storage settings of this process that a worker must share (set ones only)."""
+    return {k: os.environ[k] for k in SETTINGS_ENV if os.environ.get(k)}
 
 
 def _scheme(uri: str) -> str:
@@ -67,7 +151,12 @@ def pyarrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     if scheme == "s3":
         endpoint, http_scheme = _s3_endpoint()
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, scheme=http_scheme, region=region)
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            scheme=http_scheme,
+            region=region,
+            retry_strategy=retry_settings().s3_retry_strategy(),
+        )
         return fs, uri[len("s3://") :].rstrip("/")
     if scheme in ("gs", "gcs"):
         return gcs_pyarrow_fs(), uri.split("://", 1)[1].rstrip("/")
@@ -79,7 +168,9 @@ def fsspec_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     scheme = _scheme(uri)
     if scheme == "s3":
         endpoint, http_scheme = _s3_endpoint()
-        kwargs = {"client_kwargs": {"endpoint_url": f"{http_scheme}://{endpoint}"}} if endpoint else {}
+        kwargs: dict = {"config_kwargs": retry_settings().botocore_config_kwargs()}
+        if endpoint:
+            kwargs["client_kwargs"] = {"endpoint_url": f"{http_scheme}://{endpoint}"}
         return fsspec.filesystem("s3", **kwargs), uri[len("s3://") :].rstrip("/")
     if scheme in ("gs", "gcs"):
         emulator = gcs_emulator()
@@ -118,25 +209,136 @@ def ensure_dir(uri: str) -> None:
     fs.create_dir(path, recursive=True)
 
 
+# Errors that say what is (not) there, not that the store failed: they pass unchanged.
+_NOT_STORE_FAILURES = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    StorageError,
+)
+# The AWS SDK's words for a 5xx answer whose error body did not fit a small ranged read.
+_MISCLASSIFIED_READ = "Failed to flush response stream"
+
+
+@contextlib.contextmanager
+def guard(uri: str, operation: str):
+    """Re-raise an OSError that remains after the client's retries as StorageError naming `uri`."""
+    try:
+        yield
+    except _NOT_STORE_FAILURES:
+        raise
+    except OSError as err:
+        raise StorageError(uri, operation, err) from err
+
+
+class _GuardedReader:
+    """A pyarrow input file as a Python file object whose errors are StorageError naming the URI.
+
+    Repeats a read only when the AWS SDK misreports a 5xx as INTERNAL_FAILURE (see the module
+    docstring); a failed read leaves the position where it was, so the repeat reads the same
+    bytes. Every other failure was already retried by the client."""
+
+    def __init__(self, raw: pa.NativeFile, uri: str, attempts: int) -> None:
+        self.raw = raw
+        self.uri = uri
+        self.attempts = attempts
+
+    def _call(self, fn, *args):
+        for attempt in range(self.attempts):
+            try:
+                return fn(*args)
+            except _NOT_STORE_FAILURES:
+                raise
+            except OSError as err:
+                if _MISCLASSIFIED_READ in str(err) and attempt + 1 < self.attempts:
+                    time.sleep(min(0.05 * 2**attempt, 2.0))
+                    continue
+                raise StorageError(self.uri, "read", err) from err
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def read(self, nbytes: int | None = None) -> bytes:
+        return self._call(self.raw.read, nbytes)
+
+    def read_buffer(self, nbytes: int | None = None) -> pa.Buffer:
+        return self._call(self.raw.read_buffer, nbytes)
+
+    def seek(self, position: int, whence: int = 0) -> int:
+        return self._call(self.raw.seek, position, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def close(self) -> None:
+        self.raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.raw.closed
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return self.raw.seekable()
+
+    def writable(self) -> bool:
+        return False
+
+
+def open_input_file(uri: str) -> pa.NativeFile:
+    """A random-access reader of `uri` (parquet, byte ranges); store failures raise StorageError."""
+    fs, path = pyarrow_fs(uri)
+    with guard(uri, "open"):
+        raw = fs.open_input_file(path)
+    return pa.PythonFile(_GuardedReader(raw, uri, retry_settings().max_attempts), mode="r")
+
+
+def open_input_stream(uri: str) -> pa.NativeFile:
+    """A sequential reader of `uri` (tar streams; read it in sized chunks, `read(n)`); store failures
+    raise StorageError."""
+    fs, path = pyarrow_fs(uri)
+    with guard(uri, "open"):
+        raw = fs.open_input_stream(path)
+    return pa.PythonFile(_GuardedReader(raw, uri, retry_settings().max_attempts), mode="r")
+
+
 def exists(uri: str) -> bool:
     fs, path = pyarrow_fs(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    with guard(uri, "stat"):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def read_bytes(uri: str) -> bytes:
+def file_size(uri: str) -> int:
     fs, path = pyarrow_fs(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    with guard(uri, "stat"):
+        info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no file at {uri!r}")
+    return info.size
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole object; with `max_bytes`, ObjectTooLarge once more than that would be read (at
+    most max_bytes + 1 bytes are ever read)."""
+    with open_input_file(uri) as f:  # random access: read() may ask the size
+        if max_bytes is None:
+            return f.read()
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ObjectTooLarge(uri, max_bytes)
+    return data
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object; parents are created on local filesystems."""
     fs, path = pyarrow_fs(uri)
-    # Object stores need no parent folders (creating them would add marker objects and requests).
-    if not is_remote(uri) and os.path.dirname(path):
-        fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    with guard(uri, "write"):
+        # Object stores need no parent folders (creating them would add marker objects and requests).
+        if not is_remote(uri) and os.path.dirname(path):
+            fs.create_dir(os.path.dirname(path), recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
 
 
 def read_text(uri: str) -> str:
@@ -150,9 +352,10 @@ def write_text(uri: str, text: str) -> None:
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """Every file below `uri` (recursive) ending in `suffix`, as URIs with the same scheme, sorted."""
     fs, path = pyarrow_fs(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    with guard(uri, "list"):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return []
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     prefix = uri.split("://", 1)[0] + "://" if is_remote(uri) or uri.startswith("file://") else ""
     out = [prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)]
     return sorted(out)

@@ -41,3 +41,44 @@ def test_gcs_emulator_endpoint_from_the_standard_variable(monkeypatch):
     assert storage.gcs_emulator() == ("127.0.0.1:9023", "http")
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "localhost:4443")  # Google's clients accept no scheme
     assert storage.gcs_emulator() == ("localhost:4443", "http")
+
+
+def test_one_retry_knob_sets_every_client(monkeypatch):
+    monkeypatch.delenv(storage.MAX_ATTEMPTS_ENV, raising=False)
+    monkeypatch.delenv(storage.RETRY_MODE_ENV, raising=False)
+    assert storage.retry_settings() == storage.RetrySettings(max_attempts=10, mode="standard")
+    monkeypatch.setenv(storage.MAX_ATTEMPTS_ENV, "4")
+    monkeypatch.setenv(storage.RETRY_MODE_ENV, "adaptive")
+    settings = storage.retry_settings()
+    assert settings.botocore_config_kwargs() == {"retries": {"mode": "adaptive", "max_attempts": 4}}
+    assert isinstance(settings.s3_retry_strategy(), storage.pafs.AwsStandardS3RetryStrategy)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    fs, _ = storage.fsspec_fs("s3://bucket/key")
+    assert fs.config_kwargs == {"retries": {"mode": "adaptive", "max_attempts": 4}}
+    # Workers share the settings: a driver forwards them with the other non-secret storage settings.
+    assert storage.settings_env() == {storage.MAX_ATTEMPTS_ENV: "4", storage.RETRY_MODE_ENV: "adaptive"}
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MPLUG_STORAGE_MAX_ATTEMPTS", "0", "MPLUG_STORAGE_MAX_ATTEMPTS='0': expected a whole number >= 1"),
+        ("MPLUG_STORAGE_MAX_ATTEMPTS", "many", "MPLUG_STORAGE_MAX_ATTEMPTS='many'"),
+        ("MPLUG_STORAGE_RETRY_MODE", "eager", "MPLUG_STORAGE_RETRY_MODE='eager': valid are legacy, standard"),
+    ],
+)
+def test_a_bad_retry_setting_names_the_variable_and_what_is_valid(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        storage.pyarrow_fs("s3://bucket/key")
+
+
+def test_reads_are_capped_and_missing_files_stay_file_not_found(tmp_path):
+    (tmp_path / "f.bin").write_bytes(b"x" * 100)
+    assert storage.read_bytes(str(tmp_path / "f.bin"), max_bytes=100) == b"x" * 100
+    with pytest.raises(storage.ObjectTooLarge, match="larger than 99 bytes"):
+        storage.read_bytes(str(tmp_path / "f.bin"), max_bytes=99)
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(str(tmp_path / "missing.bin"))
+    with storage.open_input_file(str(tmp_path / "f.bin")) as f:
+        assert f.read_at(3, 97) == b"xxx"
