@@ -19,6 +19,11 @@ answers); questions and captions are cleaned later, answers never.
 
 `entry_rows` returns raw records without image bytes: `_image_refs` lists, per image of the row,
 the candidate URIs to read (the first that exists is used).
+
+Annotation files are written by strangers: an image path must stay inside `image_root`. An
+absolute path, a URI (`s3://other/x.jpg`, `file:///etc/passwd`) or one that climbs out with `..`
+is a `path_outside_root` reject, unless `allow_outside_root` (the ingest key
+`allow_image_paths_outside_root`) says the annotations are trusted to name any location.
 """
 
 from __future__ import annotations
@@ -79,8 +84,31 @@ def selected(entry: object, splits: list[str] | None) -> bool:
     return entry["split"] in splits
 
 
-def _image_refs(image_root: str, path: str, *, add_jpg: bool = False) -> list[str]:
-    uri = path if "://" in path else storage.join(image_root, path) if image_root else path
+class PathOutsideRoot(ValueError):
+    """An annotation's image path that would be read outside `image_root`; `key` is the row's."""
+
+    key: str = ""
+
+
+def _inside_root(image_root: str, path: str) -> str:
+    """`path` joined under `image_root`, or PathOutsideRoot when it would leave it."""
+    if "\0" in path:
+        raise PathOutsideRoot(f"image path {path!r} holds a NUL byte")
+    if "://" in path or path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
+        raise PathOutsideRoot(f"image path {path!r} is absolute or a URI, not relative to image_root")
+    normal = posixpath.normpath(path.replace("\\", "/"))
+    if normal == ".." or normal.startswith("../"):
+        raise PathOutsideRoot(f"image path {path!r} climbs out of image_root {image_root!r}")
+    return storage.join(image_root, normal)
+
+
+def _image_refs(
+    image_root: str, path: str, *, add_jpg: bool = False, allow_outside_root: bool = False
+) -> list[str]:
+    if allow_outside_root:
+        uri = path if "://" in path else storage.join(image_root, path) if image_root else path
+    else:
+        uri = _inside_root(image_root, path)
     # ALBEF's SNLI-VE files give the Flickr30K id and its loader appends ".jpg": accept both.
     if add_jpg and not posixpath.splitext(path)[1]:
         return [uri, uri + ".jpg"]
@@ -128,8 +156,25 @@ def _reject(key: str, detail: str) -> list[dict]:
     return [{"key": key, "_reject": ("bad_record", detail)}]
 
 
-def entry_rows(entry: object, fallback_key: str, image_root: str) -> list[dict]:
-    """Raw records (no image bytes) for one annotation entry, or one bad_record reject."""
+def entry_rows(
+    entry: object, fallback_key: str, image_root: str, allow_outside_root: bool = False
+) -> list[dict]:
+    """Raw records (no image bytes) for one annotation entry, or one reject (`bad_record`, or
+    `path_outside_root` for an image path that would leave `image_root`)."""
+    try:
+        return _entry_rows(entry, fallback_key, image_root, allow_outside_root)
+    except PathOutsideRoot as err:
+        return [{"key": err.key, "_reject": ("path_outside_root", str(err)[:2000])}]
+
+
+def _entry_rows(entry: object, fallback_key: str, image_root: str, allow_outside_root: bool) -> list[dict]:
+    def refs_of(path: str, key: str, add_jpg: bool = False) -> list[str]:
+        try:
+            return _image_refs(image_root, path, add_jpg=add_jpg, allow_outside_root=allow_outside_root)
+        except PathOutsideRoot as err:
+            err.key = key  # the key the row would have had
+            raise
+
     fmt = detect(entry)
     if fmt is None:
         return _reject(fallback_key, f"annotation entry {describe_mismatch(entry)}"[:2000])
@@ -153,7 +198,7 @@ def entry_rows(entry: object, fallback_key: str, image_root: str) -> list[dict]:
             return _reject(key, f"'sentence' must be text, got {sentence!r}"[:300])
         return [{**base, "key": key, "caption": sentence, "label": _label(entry),
                  "image_id": _first_id(entry, "image_id") or images[0],
-                 "_image_refs": [_image_refs(image_root, p) for p in images]}]  # fmt: skip
+                 "_image_refs": [refs_of(p, key) for p in images]}]  # fmt: skip
 
     if fmt == "karpathy":
         folder, name = entry.get("filepath") or "", entry["filename"]
@@ -171,7 +216,7 @@ def entry_rows(entry: object, fallback_key: str, image_root: str) -> list[dict]:
         texts = _texts(texts, "'sentences' raw text")
         if isinstance(texts, str):
             return _reject(key, texts)
-        refs = [_image_refs(image_root, path)]
+        refs = [refs_of(path, key)]
         return [
             {**base, "key": f"{key}#{i}", "caption": t, "image_id": image_id, "_image_refs": refs}
             for i, t in enumerate(texts)
@@ -182,7 +227,7 @@ def entry_rows(entry: object, fallback_key: str, image_root: str) -> list[dict]:
     key = _first_id(entry, *id_fields) or fallback_key
     if not isinstance(path, str) or not path:
         return _reject(key, f"'image' must be a path, got {path!r}"[:300])
-    refs = [_image_refs(image_root, path, add_jpg=fmt == "snli_ve")]
+    refs = [refs_of(path, key, add_jpg=fmt == "snli_ve")]
     image_id = _first_id(entry, "image_id") or path
     bbox = _bbox(entry.get("bbox"))  # carried on any single-image row that has a valid one
 

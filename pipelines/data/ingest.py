@@ -73,6 +73,11 @@ class IngestConfig(BaseModel):
     format: Literal["parquet", "webdataset", "json", "urls"]
     output: str = Field(description="output URI; gets data/, rejects/, stats.json")
     image_root: str | None = Field(None, description="json: URI the annotation's image paths are relative to")
+    allow_image_paths_outside_root: bool = Field(
+        False,
+        description="json: let annotations name images anywhere (absolute paths, other URIs, `..`); "
+        "off, such a path is a path_outside_root reject. Only for annotations you trust",
+    )
     image_column: str | None = None
     caption_column: str | None = None
     key_column: str | None = None
@@ -81,7 +86,14 @@ class IngestConfig(BaseModel):
     min_image_size: int = Field(32, gt=0)
     max_aspect_ratio: float = Field(3.0, ge=1.0)
     max_image_pixels: int = Field(25_000_000, gt=0, description="decompression-bomb guard")
-    max_image_bytes: int = Field(20_000_000, gt=0)
+    max_image_bytes: int = Field(
+        20_000_000, gt=0, description="larger image files and tar members are rejected unread"
+    )
+    max_annotation_bytes: int = Field(
+        readers.MAX_ENTRY_BYTES,
+        gt=0,
+        description="json/urls: longer JSON lines or entries are rejected unread",
+    )
     jpeg_quality: int = Field(95, ge=1, le=100)
     max_words: int = Field(30, gt=0, description="captions are cut to this many words")
     dedupe: bool = True
@@ -100,7 +112,8 @@ class IngestConfig(BaseModel):
     overwrite: bool = Field(
         False, description="clear the output first (else its recorded settings must match)"
     )
-    # Storage access; default is the usual environment. Secrets are never printed.
+    # Storage access; default is the usual environment. Secrets are never printed, and never put
+    # in a Ray runtime environment (see `credentials_env`).
     s3_endpoint_url: str | None = None
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
@@ -147,18 +160,31 @@ class IngestConfig(BaseModel):
         return data
 
     def storage_env(self) -> dict[str, str]:
+        """The storage settings every process of the ingest shares, none of them secret: the S3
+        endpoint and region of the config, and this process's GCS emulator and retry settings.
+        Workers get them in their Ray runtime environment, which the dashboard and `ray job list`
+        show: credentials never go there (see `credentials_env`)."""
         env = {
             "AWS_ENDPOINT_URL": self.s3_endpoint_url,
+            "AWS_DEFAULT_REGION": self.aws_region,
+            "AWS_REGION": self.aws_region,
+            # A GCS emulator (tests, local development) must reach the workers too.
+            "STORAGE_EMULATOR_HOST": os.environ.get("STORAGE_EMULATOR_HOST"),
+            **storage.settings_env(),
+        }
+        return {k: v for k, v in env.items() if v}
+
+    def credentials_env(self) -> dict[str, str]:
+        """The AWS keys of the config, for this process's environment only. A local Ray instance
+        started after they are set inherits them; on a cluster, workers use their node's own
+        credentials (instance role / workload identity, or the node's environment)."""
+        env = {
             "AWS_ACCESS_KEY_ID": self.aws_access_key_id.get_secret_value()
             if self.aws_access_key_id
             else None,
             "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key.get_secret_value()
             if self.aws_secret_access_key
             else None,
-            "AWS_DEFAULT_REGION": self.aws_region,
-            "AWS_REGION": self.aws_region,
-            # A GCS emulator (tests, local development) must reach the workers too.
-            "STORAGE_EMULATOR_HOST": os.environ.get("STORAGE_EMULATOR_HOST"),
         }
         return {k: v for k, v in env.items() if v}
 
@@ -269,16 +295,21 @@ def _batches(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _load_image(refs: list[str]) -> tuple[bytes | None, str, str]:
-    """(bytes or None, the URI used, why not) for the first existing of the candidate URIs."""
-    why = ""
+def _load_image(refs: list[str], max_bytes: int) -> tuple[bytes | None, str, tuple[str, str] | None]:
+    """(bytes or None, the URI used, (reject reason, detail) when None) for the first existing of
+    the candidate URIs. A file over `max_bytes` is refused after max_bytes + 1 bytes."""
+    why = ("missing_image", "")
     for uri in refs:
         try:
-            return storage.read_bytes(uri), uri, ""
+            return storage.read_bytes(uri, max_bytes=max_bytes), uri, None
         except FileNotFoundError:
-            why = f"no file at {' or '.join(refs)}"
-        except OSError as err:
-            return None, uri, f"{uri}: {type(err).__name__}: {err}"
+            why = ("missing_image", f"no file at {' or '.join(refs)}")
+        except storage.ObjectTooLarge as err:
+            return None, uri, ("too_large", f"{err} (max_image_bytes; not read further)")
+        except storage.StorageError as err:
+            return None, uri, ("storage_error", str(err))
+        except OSError as err:  # not a store failure: a local path that is a folder, ...
+            return None, uri, ("missing_image", f"{uri}: {type(err).__name__}: {err}")
     return None, refs[0], why
 
 
@@ -286,31 +317,36 @@ def _annotation_records(unit: readers.Unit, cfg: IngestConfig, counts: UnitCount
     """Rows of an annotation unit in task-format order, images read concurrently per batch."""
 
     def rows() -> Iterator[dict]:
-        for idx, entry in enumerate(readers.guarded(unit, readers.read_json_unit(unit))):
+        entries = readers.read_json_unit(unit, cfg.max_annotation_bytes)
+        for idx, entry in enumerate(readers.guarded(unit, entries)):
             fallback = f"{unit.unit_id}-{idx:06d}"
-            if isinstance(entry, ValueError):
+            if isinstance(entry, readers.OversizedEntry):
+                yield {"key": fallback, "_reject": ("too_large", str(entry))}
+            elif isinstance(entry, ValueError):
                 yield {"key": fallback, "_reject": ("bad_record", str(entry))}
             elif isinstance(entry, readers.FaultRecord):
                 yield dict(entry)
             elif not formats.selected(entry, cfg.splits):
                 counts.skipped += 1
             else:
-                yield from formats.entry_rows(entry, fallback, cfg.image_root or "")
+                yield from formats.entry_rows(
+                    entry, fallback, cfg.image_root or "", cfg.allow_image_paths_outside_root
+                )
 
     # Object-store reads are latency bound: fetch a batch's images concurrently.
     with ThreadPoolExecutor(max_workers=cfg.download.threads) as pool:
         for batch in _batches(rows(), 256):
             refs = {tuple(r) for rec in batch for r in rec.get("_image_refs", [])}
-            loaded = dict(zip(refs, pool.map(lambda r: _load_image(list(r)), refs)))
+            loaded = dict(zip(refs, pool.map(lambda r: _load_image(list(r), cfg.max_image_bytes), refs)))
             for rec in batch:
                 image_refs = rec.pop("_image_refs", None)
                 if image_refs is None:
                     yield rec
                     continue
                 results = [loaded[tuple(r)] for r in image_refs]
-                missing = next((why for data, _, why in results if data is None), None)
-                if missing is not None:
-                    rec["_reject"] = ("missing_image", missing)
+                why = next((why for data, _, why in results if data is None), None)
+                if why is not None:
+                    rec["_reject"] = why
                 elif len(results) > 1:
                     rec["images"] = [data for data, _, _ in results]
                 else:
@@ -321,7 +357,7 @@ def _annotation_records(unit: readers.Unit, cfg: IngestConfig, counts: UnitCount
 
 def _url_records(unit: readers.Unit, cfg: IngestConfig, counts: UnitCounts) -> Iterator[dict]:
     """Rows of a URL-list unit, downloaded a batch at a time (memory stays bounded)."""
-    rows = readers.guarded(unit, readers.read_url_unit(unit))
+    rows = readers.guarded(unit, readers.read_url_unit(unit, cfg.max_annotation_bytes))
     for batch in _batches(rows, max(64, cfg.download.threads * 8)):
         todo = [i for i, r in enumerate(batch) if "_reject" not in r]
         results = fetch_all([batch[i]["url"].strip() for i in todo], cfg.download)
@@ -341,7 +377,7 @@ def _raw_records(
         assert cols is not None
         yield from readers.guarded(unit, readers.read_parquet_unit(unit, cols))
     elif unit.kind == "webdataset":
-        yield from readers.guarded(unit, readers.read_webdataset_unit(unit))
+        yield from readers.guarded(unit, readers.read_webdataset_unit(unit, cfg.max_image_bytes))
     elif unit.kind == "json":
         yield from _annotation_records(unit, cfg, counts)
     elif unit.kind == "urls":
@@ -614,10 +650,14 @@ def list_units(cfg: IngestConfig) -> tuple[list[readers.Unit], readers.Columns |
             raise ValueError(
                 "format 'json' needs image_root (--image-root): the URI image paths are relative to"
             )
-        return readers.json_units(cfg.input, cfg.rows_per_unit, formats.check_first_entry), None
+        units = readers.json_units(
+            cfg.input, cfg.rows_per_unit, formats.check_first_entry, cfg.max_annotation_bytes
+        )
+        return units, None
     return readers.url_units(
-        cfg.input, cfg.rows_per_unit, caption=cfg.caption_column, key=cfg.key_column, url=cfg.url_column
-    ), None
+        cfg.input, cfg.rows_per_unit, caption=cfg.caption_column, key=cfg.key_column, url=cfg.url_column,
+        max_entry_bytes=cfg.max_annotation_bytes,
+    ), None  # fmt: skip
 
 
 def _markers(lay: Layout, stage: str) -> dict[str, dict]:
@@ -700,14 +740,41 @@ def prepare_output(cfg: IngestConfig) -> None:
     storage.write_text(settings_uri, json.dumps(mine, indent=1, sort_keys=True))
 
 
+def _check_worker_credentials(cfg: IngestConfig) -> None:
+    """Warn when the config's AWS key id is not the one Ray workers have: they then use their
+    node's credentials (the config's keys are never sent to them). Compared by hash, so the key
+    itself is not in the probe task either."""
+    import ray
+
+    key = cfg.credentials_env().get("AWS_ACCESS_KEY_ID")
+    if key is None:
+        return
+
+    @ray.remote(num_cpus=0)
+    def key_hash() -> str | None:
+        theirs = os.environ.get("AWS_ACCESS_KEY_ID")
+        return hashlib.sha256(theirs.encode()).hexdigest() if theirs else None
+
+    if ray.get(key_hash.remote()) != hashlib.sha256(key.encode()).hexdigest():
+        log.warning(
+            "aws_access_key_id/aws_secret_access_key of the ingest config are used by this driver "
+            "only: Ray was started without them, and credentials are never put in a task's runtime "
+            "environment. Workers use their node's credentials (instance role, or the environment "
+            "`ray start` ran in); see docs/faults-and-trust.md"
+        )
+
+
 def run_ingest(config: IngestConfig) -> dict:
     """Run (or finish) an ingest; returns the stats also written to OUTPUT/stats.json."""
     from pipelines.cluster import init_ray
 
     t0 = time.perf_counter()
     env = config.storage_env()
-    os.environ.update(env)  # the driver lists and reads markers through the same storage helper
+    # The driver lists and reads markers through the same storage helper; a local Ray instance
+    # started below inherits this environment, credentials included.
+    os.environ.update(env | config.credentials_env())
     info = init_ray()
+    _check_worker_credentials(config)
     cfg = config
     lay = Layout(cfg.output)
     units, cols = list_units(cfg)  # before prepare_output: a bad input changes nothing

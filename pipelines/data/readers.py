@@ -20,7 +20,14 @@ names are resolved on the driver, so a LAION-style (`URL`/`TEXT`) or img2dataset
 (`jpg`/`caption`/`key`/`status`) input maps in with no options.
 
 A unit that cannot be read (truncated tar, unreadable parquet, not JSON) ends in one `bad_shard`
-record keyed by the file (`guarded`): the rows read before the fault count as usual.
+record keyed by the file (`guarded`): the rows read before the fault count as usual. A unit the
+object store would not serve after the client's retries ends the same way with reason
+`storage_error` (the file may be fine: a re-run reads it again).
+
+Nothing untrusted is read whole before its size is known: a tar member larger than
+`max_member_bytes` is skipped in the stream (its sample is rejected `too_large`), and a JSON line
+or array element longer than `max_entry_bytes` is let go as it streams past (rejected `too_large`),
+so memory stays bounded by the limits, whatever the input holds.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ ANNOTATION_SUFFIXES = (".json", ".jsonl")
 READ_ERRORS = (OSError, ValueError, EOFError, tarfile.TarError, zlib.error, pa.ArrowException)
 
 _READ_CHUNK = 1 << 20
-_MAX_ENTRY_BYTES = 64 << 20  # one JSON entry larger than this is taken for a damaged file
+MAX_ENTRY_BYTES = 16 << 20  # default limit of one JSON entry (a JSON line, an array element)
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
@@ -94,6 +101,7 @@ class Unit:
     header: list[str] | None = None  # csv/tsv: the header line's names
     columns: dict | None = None  # urls: the file's resolved Columns
     error: str | None = None
+    error_reason: str = "bad_shard"  # the reject reason of `error`: bad_shard | storage_error | too_large
 
 
 def fault_key(unit: Unit) -> str:
@@ -106,13 +114,32 @@ def fault_key(unit: Unit) -> str:
 
 
 class FaultRecord(dict):
-    """The one `bad_shard` record an unreadable unit (or the unreadable rest of one) counts as."""
+    """The one record an unreadable unit (or the unreadable rest of one) counts as: `bad_shard`
+    (damaged), `storage_error` (the store would not serve it) or `too_large` (an entry over its limit)."""
+
+
+class OversizedEntry(ValueError):
+    """A JSON line or array element longer than its limit, let go unread (a `too_large` reject)."""
+
+    def __init__(self, offset: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"entry at byte {offset} is longer than max_annotation_bytes={limit} ({size}+ bytes)"
+        )
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class LongLine:
+    """Stands for a line longer than the limit in `iter_lines`: its bytes were never kept."""
+
+    size: int
 
 
 def guarded(unit: Unit, records: Iterator) -> Iterator:
     """`records`, ending in one FaultRecord if the unit turns out unreadable."""
     if unit.error:
-        yield FaultRecord(key=fault_key(unit), _reject=("bad_shard", f"{unit.source}: {unit.error}"))
+        detail = f"{unit.source}: {unit.error}"
+        yield FaultRecord(key=fault_key(unit), _reject=(unit.error_reason, detail))
         return
     read = 0
     try:
@@ -120,10 +147,12 @@ def guarded(unit: Unit, records: Iterator) -> Iterator:
             read += 1
             yield rec
     except READ_ERRORS as err:
+        # Checked by type: the storage helper raises StorageError only when the store failed.
+        reason = "storage_error" if isinstance(err, storage.StorageError) else "bad_shard"
         detail = f"{unit.source}: {type(err).__name__}: {err}"
         if read:
             detail += f" (after {read} readable rows of this unit, which are counted as usual)"
-        yield FaultRecord(key=fault_key(unit), _reject=("bad_shard", detail))
+        yield FaultRecord(key=fault_key(unit), _reject=(reason, detail))
 
 
 def _pick(names: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str | None:
@@ -176,7 +205,8 @@ def unit_id_for(input_uri: str, file_uri: str) -> str:
 def _files(input_uri: str, suffixes: tuple[str, ...]) -> list[str]:
     """The input itself if it is a file, else every file below it with one of `suffixes`."""
     fs, path = storage.pyarrow_fs(input_uri)
-    info = fs.get_file_info(path)
+    with storage.guard(input_uri, "stat"):
+        info = fs.get_file_info(path)
     if info.type.name == "NotFound":
         raise FileNotFoundError(f"input {input_uri!r} does not exist")
     if info.type.name == "File":
@@ -189,13 +219,11 @@ def _files(input_uri: str, suffixes: tuple[str, ...]) -> list[str]:
 
 
 def _file_size(file_uri: str) -> int:
-    fs, path = storage.pyarrow_fs(file_uri)
-    return fs.get_file_info(path).size
+    return storage.file_size(file_uri)
 
 
 def _head(file_uri: str, size: int = _READ_CHUNK) -> bytes:
-    fs, path = storage.pyarrow_fs(file_uri)
-    with fs.open_input_stream(path) as f:
+    with storage.open_input_stream(file_uri) as f:
         return f.read(size)
 
 
@@ -211,34 +239,41 @@ def line_ranges(file_uri: str, rows_per_unit: int) -> list[tuple[int, int]]:
     return [(start, min(start + span, size)) for start in range(0, size, span)]
 
 
-def iter_lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, line without its newline) of each line that starts in [start, end)."""
-    fs, path = storage.pyarrow_fs(unit.source)
+def iter_lines(unit: Unit, max_line_bytes: int | None = None) -> Iterator[tuple[int, bytes | LongLine]]:
+    """(byte offset, line without its newline) of each line that starts in [start, end). A line
+    longer than `max_line_bytes` comes as a LongLine: its bytes are let go as they stream past."""
     end = unit.end if unit.end >= 0 else float("inf")
-    with fs.open_input_file(path) as f:
+    limit = max_line_bytes if max_line_bytes is not None else float("inf")
+    with storage.open_input_file(unit.source) as f:
         # Start one byte early: if that byte is a newline, the unit's first line starts at `start`.
-        pos = max(unit.start - 1, 0)
+        pos = max(unit.start - 1, 0)  # where the current line starts
         f.seek(pos)
         buf = b""
+        dropped = 0  # bytes of the current line already let go (it is over the limit)
         skip_partial = unit.start > 0
         while True:
             newline = buf.find(b"\n")
             if newline < 0:
+                if dropped + len(buf) > limit:
+                    dropped, buf = dropped + len(buf), b""
                 chunk = f.read(_READ_CHUNK)
                 if chunk:
                     buf += chunk
                     continue
-                if buf and not skip_partial and pos < end:
-                    yield pos, buf.rstrip(b"\r")  # last line without a newline
+                size = dropped + len(buf)
+                if size and not skip_partial and pos < end:  # last line without a newline
+                    yield pos, LongLine(size) if size > limit else buf.rstrip(b"\r")
                 return
+            size = dropped + newline
             line, buf = buf[:newline], buf[newline + 1 :]
             if skip_partial:
                 skip_partial = False
             elif pos < end:
-                yield pos, line.rstrip(b"\r")
+                yield pos, LongLine(size) if size > limit else line.rstrip(b"\r")
             else:
                 return
-            pos += newline + 1
+            pos += size + 1
+            dropped = 0
             if pos >= end:
                 return
 
@@ -252,13 +287,24 @@ class JsonScanError(ValueError):
         self.entry_start = pos if entry_start is None else entry_start
 
 
+class EntryTooLarge(JsonScanError):
+    """A JSON value longer than the window's `max_entry_bytes` (not decoded)."""
+
+
+_OVERSIZED = object()  # stands for an array element over the limit in `_array_spans`
+_STRUCTURE = re.compile(r'["\[\]{}]')
+_STRING_STOP = re.compile(r'["\\]')
+_SCALAR_END = re.compile(r"[,\]}\s]")
+
+
 class _Window:
     """A sliding latin-1 view of a binary stream. Latin-1 maps each byte to one character, so text
     positions are byte offsets; JSON's structural characters are ASCII and a multi-byte UTF-8
     sequence only ever sits inside a string, where any character is valid JSON."""
 
-    def __init__(self, f) -> None:
+    def __init__(self, f, max_entry_bytes: int = MAX_ENTRY_BYTES) -> None:
         self.f = f
+        self.max_entry_bytes = max_entry_bytes
         self.base = 0  # byte offset of text[0]
         self.text = ""
         self.eof = False
@@ -290,20 +336,54 @@ class _Window:
 
     def decode(self, i: int) -> tuple[object, int]:
         """One JSON value starting at index i → (value, index after it)."""
+        too_large = f"an entry longer than max_annotation_bytes={self.max_entry_bytes}"
         while True:
             try:
                 value, end = _DECODER.raw_decode(self.text, i)
+                if end - i > self.max_entry_bytes:
+                    raise EntryTooLarge(self.base + i, too_large)
                 if end < len(self.text) or self.eof:  # a number could go on past the window
                     return value, end
             except json.JSONDecodeError as err:
                 incomplete = err.pos >= len(self.text) - 16 or err.msg.startswith("Unterminated string")
                 if self.eof or not incomplete:
                     raise JsonScanError(self.base + err.pos, err.msg) from None
-                if len(self.text) - i > _MAX_ENTRY_BYTES:
-                    raise JsonScanError(
-                        self.base + i, f"an entry longer than {_MAX_ENTRY_BYTES} bytes (damaged file?)"
-                    ) from None
+                if len(self.text) - i > self.max_entry_bytes:
+                    raise EntryTooLarge(self.base + i, too_large) from None
             self.more()
+
+    def skip_value(self, i: int) -> int:
+        """Index just after the JSON value starting at index i, found from its brackets and
+        strings alone; the text behind the scan is let go as it goes (a value of any length)."""
+        depth, in_string = 0, False
+        if self.char(i) not in '[{"':  # a scalar: up to the next delimiter
+            while True:
+                m = _SCALAR_END.search(self.text, i)
+                if m is not None:
+                    return m.start()
+                i = self.compact(len(self.text))
+                if not self.more():
+                    return i
+        while True:
+            m = (_STRING_STOP if in_string else _STRUCTURE).search(self.text, i)
+            if m is None or (m.group() == "\\" and m.end() >= len(self.text)):
+                i = self.compact(len(self.text) if m is None else m.start())
+                if not self.more():
+                    raise JsonScanError(self.base + i, "an entry that never ends")
+                continue
+            c, i = m.group(), m.end()
+            if c == "\\":
+                i += 1  # the escaped character, whatever it is
+            elif c == '"':
+                in_string = not in_string
+                if not in_string and depth == 0:
+                    return i
+            elif c in "[{":
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0:
+                    return i
 
     def expect(self, i: int, chars: str, what: str) -> str:
         c = self.char(i)
@@ -335,7 +415,10 @@ def json_layout(w: _Window) -> tuple[str, int]:
         j = w.skip_ws(j + 1)
         if key == "images" and w.char(j) == "[" and w.char(w.skip_ws(j + 1)) == "{":
             return "container", j  # (NLVR2's "images" is a list of paths: an entry, not a container)
-        _, j = w.decode(j)
+        try:
+            _, j = w.decode(j)
+        except EntryTooLarge:
+            return "lines", i  # an entry (a first JSON line) over the limit: that line's reject
         j = w.skip_ws(j)
         if w.expect(j, ",}", "',' or '}'") == "}":
             return "lines", i
@@ -343,7 +426,8 @@ def json_layout(w: _Window) -> tuple[str, int]:
 
 
 def _array_spans(w: _Window, i: int) -> Iterator[tuple[int, int, object]]:
-    """(start byte, end byte, value) of each element of the array whose '[' is at index i."""
+    """(start byte, end byte, value) of each element of the array whose '[' is at index i; the
+    value is `_OVERSIZED` for an element over the limit (skipped, never held whole)."""
     i = w.skip_ws(i + 1)
     if w.char(i) == "]":
         return
@@ -352,6 +436,8 @@ def _array_spans(w: _Window, i: int) -> Iterator[tuple[int, int, object]]:
         start = w.base + i
         try:
             value, end = w.decode(i)
+        except EntryTooLarge:
+            value, end = _OVERSIZED, w.skip_value(i)
         except JsonScanError as err:
             raise JsonScanError(err.pos, err.msg, entry_start=start) from None
         yield start, w.base + end, value
@@ -379,6 +465,16 @@ def _array_units(
 
     try:
         for start, end, value in _array_spans(w, i):
+            if value is _OVERSIZED:  # a unit of its own, counted as one too_large reject
+                if count:
+                    yield unit(start=first, end=last, rows=count)
+                    n, count = n + 1, 0
+                error = (
+                    f"entry at byte {start} is {end - start} bytes > max_annotation_bytes={w.max_entry_bytes}"
+                )
+                yield unit(start=start, end=end, rows=1, error=error, error_reason="too_large")
+                n += 1
+                continue
             if check is not None and n == 0 and count == 0:
                 check(value, file_uri)
             if count == 0:
@@ -398,12 +494,26 @@ def _array_units(
 
 
 def json_file_units(
-    file_uri: str, base: str, kind: str, rows_per_unit: int, check: Callable | None = None
+    file_uri: str,
+    base: str,
+    kind: str,
+    rows_per_unit: int,
+    check: Callable | None = None,
+    max_entry_bytes: int = MAX_ENTRY_BYTES,
 ) -> list[Unit]:
-    """Units of one JSON (array / container / JSON Lines) file, told apart by content."""
-    fs, path = storage.pyarrow_fs(file_uri)
-    with fs.open_input_stream(path) as f:
-        w = _Window(f)
+    """Units of one JSON (array / container / JSON Lines) file, told apart by content. A file the
+    store would not serve is one unit that ends in a `storage_error` reject."""
+    try:
+        return _json_file_units(file_uri, base, kind, rows_per_unit, check, max_entry_bytes)
+    except storage.StorageError as err:
+        return [Unit(f"{base}-00000", kind, file_uri, error=str(err), error_reason="storage_error")]
+
+
+def _json_file_units(
+    file_uri: str, base: str, kind: str, rows_per_unit: int, check: Callable | None, max_entry_bytes: int
+) -> list[Unit]:
+    with storage.open_input_stream(file_uri) as f:
+        w = _Window(f, max_entry_bytes)
         try:
             layout, i = json_layout(w)
         except JsonScanError as err:
@@ -414,7 +524,8 @@ def json_file_units(
             return list(_array_units(w, i, file_uri, base, kind, rows_per_unit, check))
     if check is not None:
         try:
-            first = json.loads(next(iter_lines(Unit("", kind, file_uri, layout="lines")))[1])
+            line = next(iter_lines(Unit("", kind, file_uri, layout="lines"), max_entry_bytes))[1]
+            first = json.loads(line) if isinstance(line, bytes) else None
         except (ValueError, StopIteration):
             first = None  # a damaged first line is that row's reject, found by its worker
         if first is not None:
@@ -425,10 +536,14 @@ def json_file_units(
     ]
 
 
-def read_json_unit(unit: Unit) -> Iterator[object]:
-    """The unit's JSON entries; a JSON Lines line that does not parse comes as a ValueError."""
+def read_json_unit(unit: Unit, max_entry_bytes: int = MAX_ENTRY_BYTES) -> Iterator[object]:
+    """The unit's JSON entries; a JSON Lines line that does not parse comes as a ValueError, one
+    over `max_entry_bytes` as an OversizedEntry (its bytes never held)."""
     if unit.layout == "lines":
-        for offset, line in iter_lines(unit):
+        for offset, line in iter_lines(unit, max_entry_bytes):
+            if isinstance(line, LongLine):
+                yield OversizedEntry(offset, line.size, max_entry_bytes)
+                continue
             if not line.strip():
                 continue
             try:
@@ -436,8 +551,8 @@ def read_json_unit(unit: Unit) -> Iterator[object]:
             except ValueError as err:  # one bad line is that row's problem, not the file's
                 yield ValueError(f"line at byte {offset} is not JSON: {err}")
         return
-    fs, path = storage.pyarrow_fs(unit.source)
-    with fs.open_input_file(path) as f:
+    # The driver measured every element of this range against the limit.
+    with storage.open_input_file(unit.source) as f:
         f.seek(unit.start)
         text = f.read(unit.end - unit.start).decode("utf-8")
     i = 0
@@ -458,8 +573,7 @@ def parquet_units(input_uri: str) -> list[Unit]:
 
 
 def parquet_schema_names(file_uri: str) -> list[str]:
-    fs, path = storage.pyarrow_fs(file_uri)
-    with fs.open_input_file(path) as f:
+    with storage.open_input_file(file_uri) as f:
         return pq.ParquetFile(f).schema_arrow.names
 
 
@@ -471,14 +585,13 @@ def _image_value(value) -> bytes | None:
 
 
 def read_parquet_unit(unit: Unit, cols: Columns, batch_rows: int = 256) -> Iterator[dict]:
-    fs, path = storage.pyarrow_fs(unit.source)
     wanted = [
         c
         for c in (cols.image, cols.caption, cols.key, cols.url, cols.status, cols.error_message, *cols.task)
         if c
     ]
     row = 0
-    with fs.open_input_file(path) as f:
+    with storage.open_input_file(unit.source) as f:
         for batch in pq.ParquetFile(f).iter_batches(
             batch_size=batch_rows, columns=list(dict.fromkeys(wanted))
         ):
@@ -514,14 +627,26 @@ def _split_wds_name(name: str) -> tuple[str, str]:
     return posixpath.join(folder, stem) if folder else stem, ext.lower()
 
 
-def _wds_record(key: str, members: dict[str, bytes]) -> dict:
+@dataclass(frozen=True)
+class SkippedMember:
+    """A tar member over the size limit: left unread in the stream."""
+
+    name: str
+    size: int
+    limit: int
+
+
+def _wds_record(key: str, members: dict[str, bytes | SkippedMember]) -> dict:
     image_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
-    rec: dict = {
-        "key": key,
-        "image": members.get(image_ext) if image_ext else None,
-        "caption": None,
-        "url": None,
-    }
+    rec: dict = {"key": key, "image": None, "caption": None, "url": None}
+    skipped = next((m for m in members.values() if isinstance(m, SkippedMember)), None)
+    if skipped is not None:
+        rec["_reject"] = (
+            "too_large",
+            f"tar member {skipped.name!r} is {skipped.size} bytes > max_image_bytes={skipped.limit} (not read)",
+        )
+        return rec
+    rec["image"] = members.get(image_ext) if image_ext else None
     if "json" in members:
         try:
             meta = json.loads(members["json"])
@@ -540,13 +665,14 @@ def _wds_record(key: str, members: dict[str, bytes]) -> dict:
     return rec
 
 
-def read_webdataset_unit(unit: Unit) -> Iterator[dict]:
+def read_webdataset_unit(unit: Unit, max_member_bytes: int | None = None) -> Iterator[dict]:
     """Stream a tar (no seeking, so it works on object storage) and group members by key. A
-    truncated tar raises when reading reaches the damage; the sample being read then is lost."""
-    fs, path = storage.pyarrow_fs(unit.source)
+    truncated tar raises when reading reaches the damage; the sample being read then is lost. A
+    member larger than `max_member_bytes` (its header says so) is not read: the stream passes
+    over its bytes in small blocks, and its sample is rejected `too_large`."""
     current: str | None = None
-    members: dict[str, bytes] = {}
-    with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+    members: dict[str, bytes | SkippedMember] = {}
+    with storage.open_input_stream(unit.source) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -555,6 +681,9 @@ def read_webdataset_unit(unit: Unit) -> Iterator[dict]:
                 yield _wds_record(current, members)
                 members = {}
             current = key
+            if max_member_bytes is not None and member.size > max_member_bytes:
+                members[ext] = SkippedMember(member.name, member.size, max_member_bytes)
+                continue
             handle = tar.extractfile(member)
             members[ext] = handle.read() if handle else b""
     if current is not None:
@@ -562,11 +691,14 @@ def read_webdataset_unit(unit: Unit) -> Iterator[dict]:
 
 
 # ---- annotation files (json) -------------------------------------------------------------------
-def json_units(input_uri: str, rows_per_unit: int, check: Callable | None = None) -> list[Unit]:
+def json_units(
+    input_uri: str, rows_per_unit: int, check: Callable | None = None, max_entry_bytes: int = MAX_ENTRY_BYTES
+) -> list[Unit]:
     """Units of every annotation file; `check(first_entry, file_uri)` may refuse a file up front."""
     units: list[Unit] = []
     for file_uri in _files(input_uri, ANNOTATION_SUFFIXES):
-        units += json_file_units(file_uri, unit_id_for(input_uri, file_uri), "json", rows_per_unit, check)
+        base = unit_id_for(input_uri, file_uri)
+        units += json_file_units(file_uri, base, "json", rows_per_unit, check, max_entry_bytes)
     return units
 
 
@@ -577,8 +709,7 @@ def _url_list_format(file_uri: str) -> str:
 
 
 def _parquet_row_group_units(file_uri: str, base: str, rows_per_unit: int, cols: dict) -> list[Unit]:
-    fs, path = storage.pyarrow_fs(file_uri)
-    with fs.open_input_file(path) as f:
+    with storage.open_input_file(file_uri) as f:
         meta = pq.ParquetFile(f).metadata
     spans: list[list[int]] = []
     rows: list[int] = []
@@ -604,13 +735,17 @@ def _parquet_row_group_units(file_uri: str, base: str, rows_per_unit: int, cols:
     ]
 
 
-def _url_file_units(file_uri: str, base: str, fmt: str, rows_per_unit: int, names: dict) -> list[Unit]:
+def _url_file_units(
+    file_uri: str, base: str, fmt: str, rows_per_unit: int, names: dict, max_entry_bytes: int
+) -> list[Unit]:
     def columns(found: list[str]) -> dict:
         return dataclasses.asdict(resolve_columns(found, image=None, need_image=False, **names))
 
     if fmt == "json":
         first: list = []
-        units = json_file_units(file_uri, base, "urls", rows_per_unit, lambda e, _: first.append(e))
+        units = json_file_units(
+            file_uri, base, "urls", rows_per_unit, lambda e, _: first.append(e), max_entry_bytes
+        )
         found = sorted(first[0]) if first and isinstance(first[0], dict) else ["url", "caption"]
         for u in units:
             u.columns, u.text_format = columns(found), "json"
@@ -625,7 +760,9 @@ def _url_file_units(file_uri: str, base: str, fmt: str, rows_per_unit: int, name
     if fmt == "txt":
         found = ["url", "caption"]
     else:
-        line = next(iter_lines(Unit("", "urls", file_uri, layout="lines")), (0, b""))[1]
+        line = next(iter_lines(Unit("", "urls", file_uri, layout="lines"), max_entry_bytes), (0, b""))[1]
+        if isinstance(line, LongLine):
+            raise ValueError(f"the first line is longer than max_annotation_bytes={max_entry_bytes}")
         if fmt == "jsonl":
             entry = json.loads(line) if line.strip() else {}
             found = sorted(entry) if isinstance(entry, dict) else []
@@ -650,7 +787,13 @@ def _url_file_units(file_uri: str, base: str, fmt: str, rows_per_unit: int, name
 
 
 def url_units(
-    input_uri: str, rows_per_unit: int, *, caption: str | None, key: str | None, url: str | None
+    input_uri: str,
+    rows_per_unit: int,
+    *,
+    caption: str | None,
+    key: str | None,
+    url: str | None,
+    max_entry_bytes: int = MAX_ENTRY_BYTES,
 ) -> list[Unit]:
     """Units of every URL list file (column names resolved per file, from metadata only)."""
     units: list[Unit] = []
@@ -659,13 +802,14 @@ def url_units(
         fmt = _url_list_format(file_uri)
         base = unit_id_for(input_uri, file_uri)
         try:
-            units += _url_file_units(file_uri, base, fmt, rows_per_unit, names)
+            units += _url_file_units(file_uri, base, fmt, rows_per_unit, names, max_entry_bytes)
         except ColumnError:
             raise
         except READ_ERRORS as err:
-            # Unreadable metadata (footer, first line): the whole file counts as one bad_shard.
+            # Unreadable metadata (footer, first line): the whole file counts as one reject.
+            reason = "storage_error" if isinstance(err, storage.StorageError) else "bad_shard"
             units.append(Unit(f"{base}-00000", "urls", file_uri, text_format=fmt,
-                              error=f"{type(err).__name__}: {err}"))  # fmt: skip
+                              error=f"{type(err).__name__}: {err}", error_reason=reason))  # fmt: skip
     return units
 
 
@@ -687,28 +831,31 @@ def _url_record(row: dict, cols: Columns, fallback_key: str) -> dict:
     return rec
 
 
-def _url_rows(unit: Unit) -> Iterator[object]:
-    """The unit's rows as dicts (or a ValueError for a line that does not parse)."""
+def _url_rows(unit: Unit, max_entry_bytes: int = MAX_ENTRY_BYTES) -> Iterator[object]:
+    """The unit's rows as dicts (or a ValueError for a line that does not parse, an OversizedEntry
+    for one over the limit)."""
     fmt = unit.text_format
     if fmt == "parquet":
         cols = Columns(**(unit.columns or {}))
         wanted = [
             c for c in (cols.url, cols.caption, cols.key, cols.status, cols.error_message, *cols.task) if c
         ]
-        fs, path = storage.pyarrow_fs(unit.source)
-        with fs.open_input_file(path) as f:
+        with storage.open_input_file(unit.source) as f:
             pf = pq.ParquetFile(f)
             for batch in pf.iter_batches(batch_size=4096, row_groups=unit.row_groups,
                                          columns=list(dict.fromkeys(wanted))):  # fmt: skip
                 yield from batch.to_pylist()
         return
     if fmt == "json":
-        yield from read_json_unit(unit)
+        yield from read_json_unit(unit, max_entry_bytes)
         return
     header = unit.header or []
-    for offset, line in iter_lines(unit):
+    for offset, line in iter_lines(unit, max_entry_bytes):
         if unit.start == 0 and offset == 0 and fmt in ("csv", "tsv"):
             continue  # the header line
+        if isinstance(line, LongLine):
+            yield OversizedEntry(offset, line.size, max_entry_bytes)
+            continue
         if not line.strip():
             continue
         try:
@@ -726,12 +873,14 @@ def _url_rows(unit: Unit) -> Iterator[object]:
             yield ValueError(f"line at byte {offset}: {err}")
 
 
-def read_url_unit(unit: Unit) -> Iterator[dict]:
+def read_url_unit(unit: Unit, max_entry_bytes: int = MAX_ENTRY_BYTES) -> Iterator[dict]:
     """Raw records (no image yet) of one URL-list unit."""
     cols = Columns(**(unit.columns or {}))
-    for i, row in enumerate(_url_rows(unit)):
+    for i, row in enumerate(_url_rows(unit, max_entry_bytes)):
         fallback = f"{unit.unit_id}-{i:07d}"
-        if isinstance(row, Exception):
+        if isinstance(row, OversizedEntry):
+            yield {"key": fallback, "_reject": ("too_large", str(row))}
+        elif isinstance(row, Exception):
             yield {"key": fallback, "_reject": ("bad_record", str(row))}
         elif not isinstance(row, dict):
             yield {"key": fallback, "_reject": ("bad_record", f"row {i} is a {type(row).__name__}")}

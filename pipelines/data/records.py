@@ -15,11 +15,14 @@ REJECT_REASONS: dict[str, str] = {
     "empty_image": "the image has zero bytes or zero pixels",
     "too_small": "the shorter side is below `min_image_size`",
     "bad_aspect": "long side / short side exceeds `max_aspect_ratio`",
-    "too_large": "more pixels than `max_image_pixels` (decompression-bomb guard) or more bytes than `max_image_bytes`",
+    "too_large": "more pixels than `max_image_pixels` (decompression-bomb guard) or more bytes than `max_image_bytes` (an image file, a download or a tar member, refused before it is read whole), or an annotation entry longer than `max_annotation_bytes`",
     "empty_caption": "the caption (and question, if any) is empty after cleaning",
     "duplicate": "same image bytes, cleaned caption/question and task fields as a row with a smaller key",
     "bad_record": "a malformed row or annotation (missing key field, wrong type, unparseable metadata, no known format)",
     "bad_shard": "a whole input file, or the rest of one, could not be read (truncated tar, unreadable parquet, not JSON); counted as one row keyed by the file",
+    "storage_error": "the object store would not serve an input file or image after the client's retries (throttling, server errors, broken connections, denied access); keyed by the file for a whole input file, the detail names the URI; a re-run reads it again",
+    "path_outside_root": "an annotation's image path is absolute, a URI, or climbs out of `image_root` with `..` (allow with `allow_image_paths_outside_root`)",
+    "url_not_allowed": "the URL is not http(s), or names a loopback, private, link-local or otherwise non-public address, also after a redirect (allow private ones with `download.allow_private_urls`)",
 }
 
 # Processed shards (OUTPUT/data/*.parquet): one fixed schema so shards from any input format and

@@ -19,6 +19,7 @@ from pipelines.data.ingest import (
     HASH_PARTITIONS,
     IngestConfig,
     SettingsMismatch,
+    _cfg_json,
     collect_stats,
     list_units,
     prepare_output,
@@ -133,7 +134,10 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     cfg = IngestConfig.from_yaml(str(path), output="c", image_size=None)
     assert (cfg.output, cfg.download.timeout_s, cfg.image_size) == ("c", 2.0, 256)
     assert "s3cr3t" not in repr(cfg) and "s3cr3t" not in str(cfg)
-    assert cfg.storage_env()["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    # The key is for this process only: never in what workers get through their runtime environment.
+    assert cfg.credentials_env() == {"AWS_SECRET_ACCESS_KEY": "s3cr3t"}
+    assert "s3cr3t" not in json.dumps(cfg.storage_env()) and "AWS_SECRET_ACCESS_KEY" not in cfg.storage_env()
+    assert "s3cr3t" not in _cfg_json(cfg)
 
 
 def jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (48, 48)) -> bytes:
