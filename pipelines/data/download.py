@@ -1,22 +1,38 @@
 """HTTP download of image URLs: timeouts, retries with exponential backoff, a size cap and content
 checks. Every URL ends in exactly one outcome, recorded in the stats and, for failures, in the
-row's reject detail. Runs inside the ingest workers with a thread pool (downloads are I/O bound)."""
+row's reject detail. Runs inside the ingest workers with a thread pool (downloads are I/O bound).
+
+URL lists are written by strangers, so a URL is fetched only if it is `http` or `https` and its
+host resolves to public addresses: loopback, private, link-local, multicast and reserved ones
+(cloud metadata endpoints, services inside the cluster) are refused with outcome
+`private_address`, unless `allow_private_urls`. The check runs where the connection is made, on
+the address connected to (a name that resolves differently a second time gains nothing), and
+again for every redirect hop, each of which must be http(s) too. Downloads connect directly:
+proxy settings in the environment are not used, since a proxy would hide the destination from
+the check. A body is read in chunks and abandoned once it passes `max_bytes`.
+"""
 
 from __future__ import annotations
 
 import http.client
+import ipaddress
+import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # Retry only what may succeed next time: server errors, throttling, network trouble.
 RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 _ALLOWED_CONTENT = ("image/", "application/octet-stream", "binary/octet-stream")
+ALLOWED_SCHEMES = ("http", "https")
+_CHUNK = 1 << 16
 
 
 class DownloadConfig(BaseModel):
@@ -28,6 +44,12 @@ class DownloadConfig(BaseModel):
     max_bytes: int = Field(20_000_000, gt=0, description="size cap; larger bodies are rejected as too_large")
     threads: int = Field(16, ge=1, description="concurrent fetches per ingest worker")
     user_agent: str = "mplug-ray-ingest/0.1"
+    max_redirects: int = Field(5, ge=0, description="redirect hops followed, each checked like the first URL")
+    allow_private_urls: bool = Field(
+        False,
+        description="fetch loopback, private and link-local addresses too (a local test server, an "
+        "intranet mirror); off, such URLs are url_not_allowed rejects",
+    )
 
 
 @dataclass(frozen=True)
@@ -43,11 +65,128 @@ def _fail(url: str, outcome: str, detail: str, reason: str = "download_error") -
     return DownloadResult(url=url, data=None, outcome=outcome, detail=detail, reason=reason)
 
 
+class URLNotAllowed(OSError):
+    """A URL (or a redirect hop) that names a scheme or an address downloads must not reach."""
+
+    def __init__(self, outcome: str, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome = outcome  # bad_scheme | private_address
+
+
+def is_public_address(address: str) -> bool:
+    """Whether an IP address is a public unicast one (not loopback, private, link-local,
+    multicast, reserved or unspecified; an IPv4-mapped IPv6 address is judged as the IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _checked_connection(host: str, port: int, timeout: object, allow_private: bool) -> socket.socket:
+    """A TCP connection to the first reachable allowed address of `host`."""
+    timeout = timeout if isinstance(timeout, int | float) else None  # http.client's default: none
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise urllib.error.URLError(f"cannot resolve {host!r}: {err}") from err
+    allowed = [i for i in infos if allow_private or is_public_address(i[4][0])]
+    if not allowed:
+        addresses = sorted({i[4][0] for i in infos})
+        raise URLNotAllowed(
+            "private_address",
+            f"{host!r} resolves to non-public address(es) {addresses} (loopback, private, link-local or "
+            "reserved): refused; set download.allow_private_urls (--allow-private-urls) to fetch them",
+        )
+    error: OSError | None = None
+    for family, kind, proto, _, address in allowed:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as err:
+            sock.close()
+            error = err
+    assert error is not None
+    raise error
+
+
+def _connection_classes(allow_private: bool) -> tuple[type, type]:
+    class CheckedHTTPConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = _checked_connection(self.host, self.port, self.timeout, allow_private)
+
+    class CheckedHTTPSConnection(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            sock = _checked_connection(self.host, self.port, self.timeout, allow_private)
+            self.sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+
+    return CheckedHTTPConnection, CheckedHTTPSConnection
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows up to `max_redirects` hops, each only to http(s); its address is checked when
+    the hop connects (the handlers above make every connection)."""
+
+    def __init__(self, max_redirects: int) -> None:
+        self.max_redirections = max_redirects
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urlparse(newurl).scheme.lower()
+        if scheme not in ALLOWED_SCHEMES:
+            raise URLNotAllowed(
+                "bad_scheme", f"redirected to {newurl!r}: only http and https URLs are fetched"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(cfg: DownloadConfig) -> urllib.request.OpenerDirector:
+    """Only http(s), through checked connections, no proxies, no file:// / ftp:// / data: handlers."""
+    http_cls, https_cls = _connection_classes(cfg.allow_private_urls)
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(http_cls, req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(https_cls, req)
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        HTTPHandler(),
+        HTTPSHandler(),
+        _CheckedRedirects(cfg.max_redirects),
+        urllib.request.HTTPDefaultErrorHandler(),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.UnknownHandler(),
+    ):
+        opener.add_handler(handler)
+    return opener
+
+
+def _read_capped(resp, max_bytes: int) -> bytes | None:
+    """The body in chunks; None as soon as it passes `max_bytes` (the rest is never read)."""
+    parts, size = [], 0
+    while True:
+        chunk = resp.read(_CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        parts.append(chunk)
+
+
 def _attempt(url: str, cfg: DownloadConfig) -> tuple[DownloadResult, bool]:
     """One fetch → (result, retryable)."""
+    scheme = urlparse(url).scheme.lower()
+    if scheme not in ALLOWED_SCHEMES:
+        detail = f"scheme {scheme or '(none)'!r}: only http and https URLs are fetched"
+        return _fail(url, "bad_scheme", detail, "url_not_allowed"), False
     request = urllib.request.Request(url, headers={"User-Agent": cfg.user_agent})
     try:
-        with urllib.request.urlopen(request, timeout=cfg.timeout_s) as resp:
+        with _opener(cfg).open(request, timeout=cfg.timeout_s) as resp:
             ctype = (resp.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if ctype and not ctype.startswith(_ALLOWED_CONTENT):
                 return _fail(url, "bad_content_type", f"Content-Type {ctype!r} is not an image"), False
@@ -56,12 +195,14 @@ def _attempt(url: str, cfg: DownloadConfig) -> tuple[DownloadResult, bool]:
                 return _fail(
                     url, "too_large", f"Content-Length {length} > max_bytes={cfg.max_bytes}", "too_large"
                 ), False
-            data = resp.read(cfg.max_bytes + 1)
-            if len(data) > cfg.max_bytes:
+            data = _read_capped(resp, cfg.max_bytes)
+            if data is None:
                 return _fail(url, "too_large", f"body > max_bytes={cfg.max_bytes}", "too_large"), False
             if length is not None and length.isdigit() and len(data) != int(length):
                 return _fail(url, "truncated", f"got {len(data)} of {length} bytes"), True
             return DownloadResult(url=url, data=data, outcome="ok"), False
+    except URLNotAllowed as err:
+        return _fail(url, err.outcome, str(err), "url_not_allowed"), False
     except urllib.error.HTTPError as err:
         return _fail(url, f"http_{err.code}", f"HTTP {err.code} {err.reason}"), err.code in RETRYABLE_HTTP
     except http.client.IncompleteRead as err:
@@ -71,6 +212,8 @@ def _attempt(url: str, cfg: DownloadConfig) -> tuple[DownloadResult, bool]:
     except urllib.error.URLError as err:
         if isinstance(err.reason, TimeoutError):
             return _fail(url, "timeout", f"no response within {cfg.timeout_s}s"), True
+        if isinstance(err.reason, URLNotAllowed):  # raised inside a connect, wrapped by urllib
+            return _fail(url, err.reason.outcome, str(err.reason), "url_not_allowed"), False
         return _fail(url, "connection_error", str(err.reason)), True
     except (http.client.HTTPException, ConnectionError, OSError) as err:
         return _fail(url, "connection_error", f"{type(err).__name__}: {err}"), True
