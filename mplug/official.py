@@ -1,8 +1,9 @@
 """Foreign weights, through one filter: an OpenAI CLIP checkpoint (the vision tower), a Hugging
 Face BERT folder (the text side) and the official mPLUG checkpoints (pretraining and task models).
 
-Every source runs the same pipeline: read (any fsspec URI: a TorchScript archive, a pickled state
-dict possibly wrapped in `model` / `module` / `state_dict`, or safetensors) -> normalise names ->
+Every source runs the same pipeline: read (any fsspec URI: safetensors, a pickled state dict
+possibly wrapped in `model` / `module` / `state_dict` and loaded with `weights_only=True`, or a
+TorchScript archive only when the caller trusts it: loading one runs its code) -> normalise names ->
 map each key onto ours -> shape-check / resize -> load -> report. Every source key ends in exactly
 one of three places: loaded (onto one or more model tensors), ignored with a logged reason, or an
 error naming it. A key the model has no module for (an ITM head loaded into a captioning model)
@@ -145,10 +146,19 @@ def _unwrap(obj: Any, where: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
+class UntrustedTorchScript(ValueError):
+    """A TorchScript archive met without `trust_torchscript`: loading it would run its code."""
+
+
+def read_state_dict(source: Source, *, trust_torchscript: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint: a mapping, or a file at any fsspec URI (s3://, gs://, file://, a
-    path): safetensors, a TorchScript archive, or a pickled state dict (tensors and plain data
-    only), possibly wrapped in `model` / `module` / `state_dict` (nested wrappers too)."""
+    path): safetensors, a pickled state dict (tensors and plain data only: `torch.load` with
+    `weights_only=True`, so nothing in it runs), possibly wrapped in `model` / `module` /
+    `state_dict` (nested wrappers too), or - only with `trust_torchscript` - a TorchScript archive.
+
+    TorchScript (`torch.jit.load`) runs the code the archive holds, by design: anyone who can
+    write the file can run code here. OpenAI's released CLIP `.pt` files are TorchScript; load
+    one only from a source you trust, or convert it to safetensors first."""
     if isinstance(source, Mapping):
         return _unwrap(source, "state dict")
     uri = os.fspath(source)
@@ -159,6 +169,13 @@ def read_state_dict(source: Source) -> dict[str, torch.Tensor]:
 
         return load_safetensors(data)
     if _is_torchscript(data):
+        if not trust_torchscript:
+            raise UntrustedTorchScript(
+                f"{uri} is a TorchScript archive: loading one runs the code it holds. If it comes from a "
+                "source you trust (OpenAI's released CLIP files are TorchScript), set "
+                "model.trust_torchscript: true (CLI: --set model.trust_torchscript=true); else convert "
+                "it to a state dict or safetensors file where it cannot run code"
+            )
         with warnings.catch_warnings():  # torch.jit is deprecated, and the only reader of these files
             warnings.simplefilter("ignore", FutureWarning)
             return dict(torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict())
@@ -393,14 +410,15 @@ def _clip_key_map(key: str) -> tuple[str, ...] | Ignore | None:
     return None if name is None else (f"visual_encoder.{name}",)
 
 
-def init_vision_from_clip(model: nn.Module, uri: Source) -> LoadReport:
+def init_vision_from_clip(model: nn.Module, uri: Source, *, trust_torchscript: bool = False) -> LoadReport:
     """Initialise the vision tower (`visual_encoder`) from an OpenAI CLIP ViT checkpoint
-    (ViT-B/16, ViT-L/14: the `visual.*` keys; the official `.pt` files are TorchScript, a plain
-    state dict works too) at any fsspec URI, or from a state dict. The position table is resampled
-    to the model's grid; the text tower and `visual.proj` are ignored with reasons; a width or
-    depth mismatch is an error naming the key; `visual_encoder_m` is re-synced."""
+    (ViT-B/16, ViT-L/14: the `visual.*` keys; the official `.pt` files are TorchScript, loaded only
+    with `trust_torchscript` since loading one runs its code; a plain state dict or safetensors
+    works too) at any fsspec URI, or from a state dict. The position table is resampled to the
+    model's grid; the text tower and `visual.proj` are ignored with reasons; a width or depth
+    mismatch is an error naming the key; `visual_encoder_m` is re-synced."""
     where = _describe(uri)
-    source = _normalised(read_state_dict(uri), lambda k: k, where)
+    source = _normalised(read_state_dict(uri, trust_torchscript=trust_torchscript), lambda k: k, where)
     return _filter_and_load(model, source, _clip_key_map, where, _CLIP_LAYOUT)
 
 

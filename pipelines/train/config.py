@@ -36,6 +36,9 @@ class ModelSection(_Strict):
     init: str | None = None
     init_vision: str | None = None
     init_text: str | None = None
+    # `init_vision` may be a TorchScript file (OpenAI's released CLIP .pt): loading one runs the
+    # code it holds, so it is refused unless you trust its source (docs/faults-and-trust.md).
+    trust_torchscript: bool = False
     # Initialise text encoder/fusion/decoder from the packaged MiniLM ("mini") as the official
     # code initialises from bert-base (an `init_text` that needs no download).
     init_text_from_packaged_bert: bool = False

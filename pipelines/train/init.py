@@ -94,7 +94,9 @@ def load_initial_weights(model: nn.Module, section: ModelSection) -> list[str]:
 
     lines = []
     if section.init_vision:
-        report = official.init_vision_from_clip(model, section.init_vision)
+        report = official.init_vision_from_clip(
+            model, section.init_vision, trust_torchscript=section.trust_torchscript
+        )
         lines.append(f"vision tower from CLIP {section.init_vision}: {report}")
     if section.init_text or section.init_text_from_packaged_bert:
         from mplug.tokenizer import packaged_model_dir

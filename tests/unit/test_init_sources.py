@@ -5,6 +5,7 @@ weights themselves, in each source's own layout, and check where every value lan
 from __future__ import annotations
 
 import json
+import pickle
 
 import fsspec
 import pytest
@@ -140,7 +141,9 @@ def test_clip_weights_land_on_the_vision_tower(fmt: str, tmp_path) -> None:
     model = tiny_model()
     cfg = model.config
     sd = clip_state_dict(cfg, grid=4)  # a 4 x 4 table (17 positions) for the tiny 8 x 8 grid
-    report = init_vision_from_clip(model, _save_clip(sd, fmt, tmp_path))
+    report = init_vision_from_clip(
+        model, _save_clip(sd, fmt, tmp_path), trust_torchscript=fmt == "torchscript"
+    )
     if fmt == "torchscript":
         sd = {k: v.half().float() if v.is_floating_point() else v for k, v in sd.items()}
 
@@ -181,6 +184,47 @@ def test_clip_weights_land_on_the_vision_tower(fmt: str, tmp_path) -> None:
     assert "text_encoder.layer.0.output.dense.weight" in report.left_at_init
     line = str(report)
     assert "\n" not in line and f"{len(visual)} tensors loaded" in line and "re-synced" in line
+
+
+def test_torchscript_is_refused_unless_trusted(tmp_path) -> None:
+    """Loading TorchScript runs the code the archive holds: without trust_torchscript it is an
+    error that says how to opt in, before anything is loaded (any loader, not only CLIP's)."""
+    from mplug.official import UntrustedTorchScript, load_official_checkpoint
+
+    model = tiny_model()
+    before = model.visual_encoder.cls_token.detach().clone()
+    uri = _save_clip(clip_state_dict(model.config, grid=4), "torchscript", tmp_path)
+    with pytest.raises(
+        UntrustedTorchScript, match=r"ViT-B-16\.pt is a TorchScript archive.*model\.trust_torchscript"
+    ):
+        init_vision_from_clip(model, uri)
+    with pytest.raises(UntrustedTorchScript):
+        load_official_checkpoint(model, uri)
+    assert torch.equal(model.visual_encoder.cls_token, before)
+
+
+class _WritesAFile:
+    """Unpickling this calls `pathlib.Path.write_text`: what a hostile checkpoint would do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.write_text, (pathlib.Path(self.path), "pwned")
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path) -> None:
+    from mplug.official import load_official_checkpoint, read_state_dict
+
+    marker = tmp_path / "pwned.txt"
+    uri = str(tmp_path / "mplug_base.pth")
+    torch.save({"model": {"w": torch.zeros(2)}, "payload": _WritesAFile(str(marker))}, uri)
+    for load in (read_state_dict, lambda u: load_official_checkpoint(tiny_model(), u)):
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            load(uri)
+    assert not marker.exists()
 
 
 def test_clip_width_mismatch_names_the_key_and_both_shapes(tmp_path) -> None:
