@@ -94,14 +94,22 @@ def finetune(
 
 @torch.no_grad()
 def evaluate(task: Task, model, rows: list[dict], setup: EvalSetup | None = None, batch_size: int = 32):
-    """(metrics, baseline, predictions) of `model` on `rows`."""
+    """(metrics, baseline, predictions) of `model` on `rows`, evaluated as the training loop
+    evaluates (`evaluate_batches`: predictions, the task's second pass, score), in one process."""
+    from pipelines.distributed import Collective
+    from pipelines.eval.passes import evaluate_batches
+
     model.eval()
     keep = setup.keys if setup is not None and setup.keys is not None else None
     rows = [r for r in rows if keep is None or r["key"] in keep]
-    predictions = []
-    for batch in batches(task, rows, batch_size, train=False, drop_last=False):
-        predictions.extend(task.predict(model, batch))
-    return task.score(predictions, model, setup), task.baseline(predictions, setup), predictions
+    result = evaluate_batches(
+        task,
+        model,
+        lambda: batches(task, rows, batch_size, train=False, drop_last=False),
+        Collective(),
+        setup,
+    )
+    return result.metrics, task.baseline(result.predictions, setup), result.predictions
 
 
 def save_run(model, folder: str) -> str:

@@ -1,24 +1,19 @@
 """Processed shards → what each Ray Train worker (or evaluation actor) iterates.
 
 Ingest did the expensive deterministic work once (decode, validate, resize to the train
-resolution); here only the per-epoch random work runs, streamed by CPU tasks: a task's row
-transform (`pipelines/data/transforms.py`: augmentation, normalisation, tokenisation).
+resolution); here only the random work runs, streamed by CPU tasks: a task's row transform
+(`pipelines/data/transforms.py`: augmentation, normalisation, tokenisation).
 
-Trainer usage (Ray Train V2):
+Training: each rank builds its own stream every epoch, `rank_epoch_dataset`, from its windows of
+the fixed training order (`pipelines/data/order.py`: which rows, in which order, with which
+augmentation seeds — a function of seed, epoch and worker count), read and transformed by tasks
+and handed over in order; the training loop iterates it with `iter_torch_batches(collate_fn=
+collate_rows)`. A resumed run skips the rows it has trained on.
 
-    ds = task_dataset(uris, task.transform(train=True), columns=task.columns)
-    trainer = TorchTrainer(loop, datasets={"train": ds}, dataset_config=train_data_config(), ...)
-    # in the loop, every epoch:
-    it = ray.train.get_dataset_shard("train")
-    for batch in it.iter_torch_batches(batch_size=B, drop_last=True, local_shuffle_buffer_size=4 * B):
-        ...
-
-Training rows are all numeric (strings cannot become tensors); evaluation rows keep their ids:
-iterate them with `collate_fn=collate_rows` and move tensors to the device yourself.
-
-Per-epoch reshuffling: the dataset re-executes each epoch; `randomize_block_order` below is
-seeded with `reseed_after_execution=True`, so each epoch reads blocks in a different, seeded
-order, and `local_shuffle_buffer_size` mixes rows across blocks inside each worker.
+Evaluation and inference: `task_dataset` reads whole shards (optionally only the rows whose key
+is kept) through the task's evaluation transform; Ray Train splits it between the workers
+(`get_dataset_shard("eval")`), `mplug evaluate` feeds it to actors holding the model. Rows keep
+their ids: iterate them with `collate_fn=collate_rows` and move tensors to the device yourself.
 """
 
 from __future__ import annotations
@@ -27,23 +22,11 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipelines import storage
+from pipelines.batches import collate_rows  # noqa: F401  (the stream's collate_fn, for its users)
 from pipelines.data.shards import STREAM_COLUMNS, read_shard_rows
 from pipelines.data.transforms import ImageTextTransform, Transform
-
-
-def collate_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor | list]:
-    """`iter_torch_batches(collate_fn=...)` for rows that mix tensors and ids: a tensor for
-    every numeric column, a list for the others (ids, strings, lists of references)."""
-    out: dict[str, torch.Tensor | list] = {}
-    for name, value in batch.items():
-        if isinstance(value, np.ndarray) and value.dtype != object:
-            out[name] = torch.as_tensor(value)
-        else:
-            out[name] = list(value)
-    return out
 
 
 @lru_cache(maxsize=4)

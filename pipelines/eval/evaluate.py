@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -52,27 +52,30 @@ def columns_of(rows: list[dict]) -> dict[str, np.ndarray]:
     return {name: objects([r[name] for r in rows]) for name in rows[0]} if rows else {}
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class TaskPredictor:
-    """Ray Data actor: the task's model loaded once; each batch -> the task's predictions."""
+    """Ray Data actor: the task's model loaded once; each batch -> the task's predictions, or
+    with `payload` its second-pass results (`Task.predict_again`)."""
 
-    def __init__(self, task_name: str, model_uri: str, overrides: dict[str, Any]) -> None:
-        self.device = _device()
+    def __init__(
+        self, task_name: str, model_uri: str, overrides: dict[str, Any], payload: Any = None
+    ) -> None:
+        import ray
+
+        from pipelines.batches import default_device
+
+        self.device = default_device()
         self.task = build_eval_task(task_name, model_uri, overrides)
         self.model = load_model(self.task, model_uri, self.device)
+        self.payload = ray.get(payload) if isinstance(payload, ray.ObjectRef) else payload
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.data.stream import collate_rows
-        from pipelines.train.loop import to_device
+        from pipelines.batches import collate_rows, to_device
 
-        rows = self.task.predict(self.model, to_device(collate_rows(batch), self.device))
-        for row in rows:  # retrieval keeps images for in-memory re-ranking; here phase 2 reloads them
-            row.pop("image", None)
-        return columns_of(rows)
+        batch = to_device(collate_rows(batch), self.device)
+        if self.payload is None:
+            return columns_of(self.task.predict(self.model, batch))
+        return columns_of(self.task.predict_again(self.model, batch, self.payload))
 
 
 @dataclass
@@ -93,9 +96,11 @@ def eval_resources(num_actors: int | None, use_gpu: bool | None) -> EvalResource
     return EvalResources(max(1, actors), 1.0 if gpu else 0.0)
 
 
-def predict_dataset(task, task_name: str, model_uri: str, data_uris: list[str], overrides: dict, setup,
-                    batch_size: int, resources: EvalResources):  # fmt: skip
-    """The Ray Dataset of the task's predictions on `data_uris`."""
+def predict_rows(task, task_name: str, model_uri: str, data_uris: list[str], overrides: dict,
+                 keys: frozenset[str] | None, batch_size: int, resources: EvalResources,
+                 payload: Any = None) -> list[dict]:  # fmt: skip
+    """The task's predictions on `data_uris` (the rows whose key is in `keys`, when given), or its
+    second-pass results with `payload`, computed by actors holding the model."""
     import ray
 
     from pipelines.data.stream import image_row_bytes, task_dataset
@@ -104,17 +109,20 @@ def predict_dataset(task, task_name: str, model_uri: str, data_uris: list[str], 
     ds = task_dataset(
         data_uris, task.transform(train=False), columns=task.columns, train=False, batch_size=batch_size,
         row_bytes=image_row_bytes(cfg.image_size, cfg.max_text_len, getattr(task, "images_per_row", 1)),
-        keep_keys=setup.keys,
+        keep_keys=keys,
     )  # fmt: skip
+    kwargs = {"task_name": task_name, "model_uri": model_uri, "overrides": overrides}
+    if payload is not None:
+        kwargs["payload"] = ray.put(payload)  # once in the object store, not once per actor
     return ds.map_batches(
         TaskPredictor,
-        fn_constructor_kwargs={"task_name": task_name, "model_uri": model_uri, "overrides": overrides},
+        fn_constructor_kwargs=kwargs,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=resources.actors),
         num_gpus=resources.gpus_per_actor,
         num_cpus=1,
-    )
+    ).take_all()
 
 
 def evaluate_task(
@@ -129,7 +137,9 @@ def evaluate_task(
     use_gpu: bool | None = None,
     address: str | None = None,
 ) -> dict[str, Any]:
-    """Predict, score, write the outputs; returns what metrics.json holds."""
+    """Predict, let the task ask for a second pass (`Task.second_pass`), score, write the
+    outputs; returns what metrics.json holds. The same steps as the training loop's evaluation
+    (`pipelines/eval/passes.py`), with actors in place of ranks."""
     from pipelines.cluster import init_ray
 
     started = time.perf_counter()
@@ -137,20 +147,16 @@ def evaluate_task(
     task = build_eval_task(task_name, model_uri, overrides)
     init_ray(address)
     resources = eval_resources(num_actors, use_gpu)
-    setup = task.eval_setup(data_uris)
-    predictions = predict_dataset(
-        task, task_name, model_uri, data_uris, overrides, setup, batch_size, resources
-    )
-    if task_name == "retrieval":
-        from pipelines.eval.retrieval import distributed_reranked_recall
-
-        rows = predictions.take_all()
-        metrics = distributed_reranked_recall(task, model_uri, data_uris, rows, resources, batch_size)
-    else:
-        rows = predictions.take_all()
-        metrics = task.score(rows, None, setup, **({"meteor": True} if task_name == "caption" else {}))
+    setup = replace(task.eval_setup(data_uris), thorough=True)
+    args = (task, task_name, model_uri, data_uris, overrides)
+    rows = predict_rows(*args, setup.keys, batch_size, resources)
     if not rows:
         raise ValueError(f"no rows to evaluate in {data_uris}")
+    second = task.second_pass(rows, setup)
+    rescored = None
+    if second is not None:
+        rescored = predict_rows(*args, second.keys, batch_size, resources, payload=second.payload)
+    metrics = task.score(rows, setup, rescored)
     baseline = task.baseline(rows, setup)
     result = {
         "task": task_name,

@@ -95,10 +95,11 @@ class InferWorker:
 
     def __init__(self, task_name: str, model_uri: str, output_uri: str, question: str | None,
                  overrides: dict, batch_size: int) -> None:  # fmt: skip
+        from pipelines.batches import default_device
         from pipelines.data.image import ImageLimits
-        from pipelines.eval.evaluate import _device, build_eval_task, load_model
+        from pipelines.eval.evaluate import build_eval_task, load_model
 
-        self.device = _device()
+        self.device = default_device()
         self.task = build_eval_task(task_name, model_uri, overrides)
         self.model = load_model(self.task, model_uri, self.device)
         self.transform = self.task.transform(train=False).build()
@@ -149,9 +150,8 @@ class InferWorker:
     def _predict(self, rows: list[dict]) -> list[dict]:
         import torch
 
-        from pipelines.data.stream import collate_rows
+        from pipelines.batches import collate_rows, to_device
         from pipelines.data.transforms import objects
-        from pipelines.train.loop import to_device
 
         batch = {"key": objects([r["key"] for r in rows]), "image": objects([r["image"] for r in rows]),
                  "question": objects([r["question"] for r in rows])}  # fmt: skip

@@ -10,7 +10,10 @@ task only through this interface, so adding a task touches none of them:
   `after_initial_weights(model)`: what it initialises once those weights are in (a new run only);
 - `prepare_step` / `loss` / `after_step`: one optimizer step over a list of micro-batches;
 - `predict` / `score`: evaluation (model + eval batches -> per-row predictions -> metrics), and
-  its `primary_metric` with its `mode`.
+  its `primary_metric` with its `mode`; a task that scores in two stages (retrieval: ITC ranks
+  every pair, then ITM re-scores each query's top k) asks for a `second_pass` over some rows and
+  scores what `predict_again` returned. Every evaluator (the training loop's, `mplug evaluate`'s,
+  the in-process one of the tests) runs these same steps (`pipelines/eval/passes.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pipelines.data.transforms import Transform
 if TYPE_CHECKING:
     from mplug.config import MPlugConfig
     from pipelines.train.config import TrainConfig
+    from pipelines.train.init import InitSource
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,17 @@ class EvalSetup:
 
     keys: frozenset[str] | None = None
     references: Any = None
+    # The complete evaluation (`mplug evaluate`): metrics too slow for every epoch (METEOR's JVM).
+    thorough: bool = False
+
+
+@dataclass(frozen=True)
+class SecondPass:
+    """What a two-stage evaluation asks for after the predictions: read the rows whose key is in
+    `keys` again and call `Task.predict_again` on them with `payload` (sent to every worker)."""
+
+    keys: frozenset[str]
+    payload: Any
 
 
 @dataclass(frozen=True)
@@ -79,10 +94,16 @@ class Task:
         """The class whose `from_pretrained` loads this task's exported model."""
         raise NotImplementedError
 
-    def after_initial_weights(self, model: nn.Module) -> list[str]:
+    def after_initial_weights(self, model: nn.Module, init_architecture: str | None = None) -> list[str]:
         """Called once when a run starts (never on resume), after `model.init` and the tower
-        sources are loaded: initialise what those weights never trained. Returns log lines."""
+        sources are loaded: initialise what those weights never trained. `init_architecture` is
+        the model class `model.init` holds (None: unknown or no init; read by the plan). Returns
+        log lines."""
         return []
+
+    def check_init(self, source: InitSource) -> None:
+        """Raise ValueError when this task cannot start from `source` (`model.init`, resolved by
+        the plan before Ray starts)."""
 
     def flops_per_sample(self) -> float:
         """Model FLOPs of one training sample (forward + backward), for MFU."""
@@ -117,11 +138,20 @@ class Task:
         """Per-row predictions of an eval batch (host-side dicts: ids, predictions, targets)."""
         raise NotImplementedError
 
+    def second_pass(self, predictions: list[dict], setup: EvalSetup | None = None) -> SecondPass | None:
+        """After every prediction is in: the rows to read again and what to compute on them
+        (None: the predictions are all `score` needs)."""
+        return None
+
+    def predict_again(self, model: nn.Module, batch: dict, payload: Any) -> list[dict]:
+        """Second-pass results of a batch of the rows `second_pass` named."""
+        raise NotImplementedError(f"task {self.name!r} asked for a second pass it cannot run")
+
     def score(
-        self, predictions: list[dict], model: nn.Module | None = None, setup: EvalSetup | None = None
+        self, predictions: list[dict], setup: EvalSetup | None = None, rescored: list[dict] | None = None
     ) -> dict[str, float]:
-        """Metrics of all predictions (gathered from every worker); `primary_metric` among them.
-        `model` is there for tasks that re-score candidates (retrieval's ITM re-ranking)."""
+        """Metrics of all predictions (gathered from every worker), and of the second pass's
+        results when there was one; `primary_metric` among them."""
         raise NotImplementedError
 
     def baseline(self, predictions: list[dict], setup: EvalSetup | None = None) -> dict[str, float]:

@@ -13,7 +13,7 @@ from torch import nn
 from pipelines.data.transforms import CaptionTransform, Transform, swap_left_right
 from pipelines.tasks.base import EvalSetup, StepContext, Task
 from pipelines.tasks.vqa import decode
-from pipelines.train.parallel import unsharded
+from pipelines.train.parallel import gathered
 
 
 def references_by_image(data_uris: list[str]) -> dict[str, list[str]]:
@@ -54,6 +54,15 @@ def sequence_with_start(
     mask &= (ids != pad_id).long()
     mask[:, 0] = 1
     return ids.masked_fill(mask == 0, pad_id), mask
+
+
+def strip_prompt(captions: list[str], prompt: str) -> list[str]:
+    """The captions without `caption.prompt`, which the model writes first: it is given, not
+    predicted, so it is neither scored nor rewarded."""
+    prompt = prompt.strip()
+    if not prompt:
+        return captions
+    return [c[len(prompt) :].strip() if c.startswith(prompt) else c for c in captions]
 
 
 class CaptionTask(Task):
@@ -124,13 +133,14 @@ class CaptionTask(Task):
         scorer, refs = self._scorer()
         tokenizer = self._tokenizer()
         samples = []
-        with torch.no_grad(), unsharded(model) as inner:
+        # Beam search ends at another step on each rank: gathered, no forward is a collective.
+        with torch.no_grad(), gathered(model) as inner:
             was_training = inner.training
             inner.eval()  # sample as evaluation decodes: no dropout
             for batch in micro_batches:
                 generated = inner.generate(batch["image"], num_beams=opts.scst_beams, max_length=opts.max_length,
                                            min_length=opts.min_length, num_return_sequences=opts.scst_beams)  # fmt: skip
-                texts = decode(tokenizer, generated)
+                texts = strip_prompt(decode(tokenizer, generated), opts.prompt)
                 if "flipped" in batch:
                     # The image was mirrored and its references describe it unmirrored: a caption
                     # right about the mirror says "left" for "right", so score it mirrored back.
@@ -169,21 +179,17 @@ class CaptionTask(Task):
         opts = self.job.caption
         generated = model.generate(batch["image"], num_beams=opts.num_beams, max_length=opts.max_length,
                                    min_length=opts.min_length)  # fmt: skip
-        captions = decode(self._tokenizer(), generated)
-        if opts.prompt:  # the prompt is given, not predicted
-            captions = [
-                c[len(opts.prompt.strip()) :].strip() if c.startswith(opts.prompt.strip()) else c
-                for c in captions
-            ]
+        captions = strip_prompt(decode(self._tokenizer(), generated), opts.prompt)
         return [{"image_id": str(i), "caption": c} for i, c in zip(batch["image_id"], captions)]
 
-    def score(self, predictions: list[dict], model: nn.Module | None = None, setup: EvalSetup | None = None,
-              meteor: bool | None = None) -> dict[str, float]:  # fmt: skip
+    def score(
+        self, predictions: list[dict], setup: EvalSetup | None = None, rescored=None
+    ) -> dict[str, float]:
         from mplug.metrics import caption_metrics
 
         refs = self._references(predictions, setup)
         preds = {p["image_id"]: p["caption"] for p in predictions}
-        use_meteor = self.job.caption.meteor_during_training if meteor is None else meteor
+        use_meteor = self.job.caption.meteor_during_training or (setup is not None and setup.thorough)
         result = caption_metrics(preds, {i: refs[i] for i in preds}, meteor=use_meteor)
         return {k: float(v) for k, v in result.items() if isinstance(v, int | float)}
 

@@ -88,7 +88,7 @@ class ClassificationTask(Task):
             for k, p, t in zip(batch["key"], predicted, batch["label"].cpu().tolist())
         ]
 
-    def score(self, predictions: list[dict], model: nn.Module | None = None, setup: EvalSetup | None = None):
+    def score(self, predictions: list[dict], setup: EvalSetup | None = None, rescored=None):
         from mplug.metrics import accuracy
 
         acc = accuracy([p["prediction"] for p in predictions], [p["label"] for p in predictions])

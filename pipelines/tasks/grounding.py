@@ -46,13 +46,21 @@ class GroundingTask(Task):
     def build_model(self) -> nn.Module:
         return self.model_class()(self.model_config)
 
-    def after_initial_weights(self, model: nn.Module) -> list[str]:
-        from pipelines.train.init import init_architecture
+    def check_init(self, source) -> None:
+        """`grounding.bin_init: ordinal` keeps the bins of a grounding model: the plan must know
+        whether `model.init` holds one."""
+        if self.job.grounding.bin_init == "ordinal" and source.kind == "run" and source.architecture is None:
+            raise ValueError(
+                f"model.init {source.uri!r} has no config.json, so it does not say whether it holds a "
+                "grounding model (grounding.bin_init=ordinal keeps a grounding model's box bins and resets "
+                "any other's): pass its run's final/ folder, or set grounding.bin_init=keep"
+            )
 
+    def after_initial_weights(self, model: nn.Module, init_architecture: str | None = None) -> list[str]:
         if self.job.grounding.bin_init == "keep":
             return []
         init = self.job.model.init
-        if init and init_architecture(init) == self.model_class().__name__:
+        if init and init_architecture == self.model_class().__name__:
             return [f"box bins kept as trained: model.init {init} is a grounding model"]
         model.init_box_bins()
         return [
@@ -108,7 +116,7 @@ class GroundingTask(Task):
             )  # fmt: skip
         ]
 
-    def score(self, predictions: list[dict], model: nn.Module | None = None, setup: EvalSetup | None = None):
+    def score(self, predictions: list[dict], setup: EvalSetup | None = None, rescored=None):
         from mplug.metrics import grounding_accuracy
 
         pred = np.stack([p["box"] for p in predictions])

@@ -104,12 +104,12 @@ class PretrainTask(Task):
             for k, i, ie, te in zip(batch["key"], batch["image_id"], image, text)
         ]
 
-    def score(self, predictions: list[dict], model: nn.Module | None = None, setup=None) -> dict[str, float]:
-        from pipelines.eval.retrieval import itc_recall
+    def score(self, predictions: list[dict], setup=None, rescored=None) -> dict[str, float]:
+        from pipelines.tasks.ranking import itc_recall
 
         return itc_recall(predictions)
 
     def baseline(self, predictions: list[dict], setup=None) -> dict[str, float]:
-        from pipelines.eval.retrieval import chance_recall
+        from pipelines.tasks.ranking import chance_recall
 
         return chance_recall(predictions)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipelines.data.transforms import RetrievalTransform, Transform
-from pipelines.tasks.base import EvalSetup, StepContext
+from pipelines.tasks.base import EvalSetup, SecondPass, StepContext
 from pipelines.tasks.pretrain import PretrainTask, inputs
 from pipelines.train.parallel import unsharded
 
@@ -75,19 +76,64 @@ class RetrievalTask(PretrainTask):
         )
         return out.loss, {"loss": out.loss, "loss_itc": out.loss_itc, "loss_itm": out.loss_itm}, out
 
-    # ---- evaluation ---------------------------------------------------------------------------
+    # ---- evaluation: ITC over every pair, then ITM over each query's top k ---------------------
     @torch.no_grad()
     def predict(self, model: nn.Module, batch: dict) -> list[dict]:
+        """Embeddings and caption tokens of each row (the tokens serve the ITM pass); no image:
+        the second pass reads each image again, once."""
         rows = super().predict(model, batch)
-        images = batch["image"].half().cpu().numpy()  # kept for ITM re-ranking (half: memory)
         ids, mask = batch["input_ids"].cpu().numpy(), batch["attention_mask"].cpu().numpy()
-        for row, image, i, m in zip(rows, images, ids, mask):
-            row.update({"image": image, "input_ids": i, "attention_mask": m})
+        for row, i, m in zip(rows, ids, mask):
+            row.update({"input_ids": i, "attention_mask": m})
         return rows
 
-    def score(self, predictions: list[dict], model: nn.Module | None = None, setup: EvalSetup | None = None):
-        from pipelines.eval.retrieval import itc_recall, reranked_recall
+    def second_pass(self, predictions: list[dict], setup: EvalSetup | None = None) -> SecondPass:
+        """ITM re-scores every (image, text) pair in a query's ITC top `retrieval.k_test`: each
+        image's first row is read again, with its candidate texts' tokens."""
+        from pipelines.tasks.ranking import Ranking, candidates
 
-        if model is None:
-            return itc_recall(predictions)
-        return reranked_recall(model, predictions, k=self.job.retrieval.k_test)
+        ranking = Ranking.of(predictions)
+        per_image = candidates(ranking.sim, self.job.retrieval.k_test).texts_by_image()
+        image_ids = ranking.image_ids
+        payload = {
+            "texts_by_image": {image_ids[i]: texts for i, texts in per_image.items()},
+            "text_ids": np.stack([r["input_ids"] for r in ranking.rows]),
+            "text_mask": np.stack([r["attention_mask"] for r in ranking.rows]),
+        }
+        return SecondPass(frozenset(str(ranking.rows[i]["key"]) for i in ranking.image_rows), payload)
+
+    @torch.no_grad()
+    def predict_again(self, model: nn.Module, batch: dict, payload: dict, chunk: int = 64) -> list[dict]:
+        """ITM logits of each image with its candidate texts (its visual tokens computed once)."""
+        out = []
+        device = batch["image"].device
+        visual = model.encode_image(batch["image"])
+        for v, image_id in zip(visual, batch["image_id"]):
+            texts = payload["texts_by_image"].get(str(image_id), np.zeros(0, dtype=np.int64))
+            for s in range(0, len(texts), chunk):
+                index = torch.from_numpy(np.asarray(texts[s : s + chunk], dtype=np.int64))
+                ids = torch.from_numpy(payload["text_ids"][index.numpy()]).long().to(device)
+                mask = torch.from_numpy(payload["text_mask"][index.numpy()]).long().to(device)
+                logits = model.itm_logits(v.expand(len(index), -1, -1), model.encode_text(ids, mask), mask)
+                out.extend({"image_id": str(image_id), "text": int(t), "score": float(x)}
+                           for t, x in zip(index.tolist(), logits[:, 1].float().cpu().tolist()))  # fmt: skip
+        return out
+
+    def score(
+        self, predictions: list[dict], setup: EvalSetup | None = None, rescored=None
+    ) -> dict[str, float]:
+        """ITC recall alone without a second pass; with one, re-ranked by ITM (the primary
+        `r_mean`), by ITM + ITC (`itm_itc_*`), ITC's as `itc_*`, chance beside."""
+        from pipelines.tasks.ranking import Ranking, candidates, itc_recall, reranked_metrics
+
+        itc = itc_recall(predictions)
+        if rescored is None:
+            return itc
+        ranking = Ranking.of(predictions)
+        number = {image: i for i, image in enumerate(ranking.image_ids)}
+        pairs = torch.tensor([(number[r["image_id"]], r["text"]) for r in rescored], dtype=torch.long).view(
+            -1, 2
+        )
+        scores = torch.tensor([r["score"] for r in rescored], dtype=torch.float32)
+        cands = candidates(ranking.sim, self.job.retrieval.k_test)
+        return reranked_metrics(itc, cands, pairs, scores, ranking.sim, ranking.text_group)
