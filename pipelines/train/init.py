@@ -34,10 +34,13 @@ OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
 class InitSource:
     kind: str  # "run" (our safetensors folder) or "official" (an mPLUG .pth)
     uri: str  # the folder (run) or the file (official)
+    # The model class a run folder holds (its config.json `architectures`); None when it does not
+    # say: an official checkpoint, or a checkpoint folder written before checkpoints kept config.json.
+    architecture: str | None = None
 
     def describe(self) -> str:
         what = "a run of ours" if self.kind == "run" else "an official mPLUG checkpoint"
-        return f"{what}: {self.uri}"
+        return f"{what}: {self.uri}" + (f" ({self.architecture})" if self.architecture else "")
 
 
 def resolve_init(uri: str) -> InitSource:
@@ -49,21 +52,25 @@ def resolve_init(uri: str) -> InitSource:
         return InitSource("official", uri)
     for folder in (uri, storage.join(uri, "final")):
         if storage.exists(storage.join(folder, MODEL_FILE)):
-            return InitSource("run", folder)
+            return InitSource("run", folder, _saved_architecture(folder))
     raise FileNotFoundError(
         f"model.init {uri!r}: neither an official checkpoint file ({'/'.join(OFFICIAL_SUFFIXES)}) nor a "
         f"folder with {MODEL_FILE} (a run's final/ or checkpoint_*/), nor a run folder with final/{MODEL_FILE}"
     )
 
 
-def init_architecture(uri: str) -> str | None:
-    """The model class a run of ours at `uri` saved (its config.json `architectures`); None for an
-    official checkpoint, which does not say."""
-    source = resolve_init(uri)
-    if source.kind != "run":
+def _saved_architecture(folder: str) -> str | None:
+    config = storage.join(folder, "config.json")
+    if not storage.exists(config):
         return None
-    saved = json.loads(storage.read_text(storage.join(source.uri, "config.json")))
+    saved = json.loads(storage.read_text(config))
     return (saved.get("architectures") or [None])[0]
+
+
+def init_architecture(uri: str) -> str | None:
+    """The model class a run of ours at `uri` saved (its config.json `architectures`); None when
+    it does not say (an official checkpoint, an older checkpoint folder)."""
+    return resolve_init(uri).architecture
 
 
 def check_sources(section: ModelSection) -> list[str]:

@@ -75,7 +75,7 @@ def storage_run_uri(job: TrainConfig) -> str:
 def plan_run(job: TrainConfig) -> TrainPlan:
     """Everything a run needs, checked before Ray or any worker starts; raises ConfigError."""
     from pipelines.tasks import task_class
-    from pipelines.train.init import check_sources
+    from pipelines.train.init import check_sources, resolve_init
 
     cls = task_class(job.task)
     check_placeholders(job.model_dump(mode="json"))  # a shipped `CHANGE-ME` names the flag to pass
@@ -87,6 +87,9 @@ def plan_run(job: TrainConfig) -> TrainPlan:
         task.transform(train=True)
         task.transform(train=False)
         sources = check_sources(job.model)
+        init = resolve_init(job.model.init) if job.model.init else None
+        if init is not None:
+            task.check_init(init)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(str(err)) from None
     rows = count_rows(job.data.uris)
@@ -111,6 +114,7 @@ def plan_run(job: TrainConfig) -> TrainPlan:
         eval_rows=eval_rows,
         global_batch=global_batch,
         weight_sources=sources,
+        init_architecture=init.architecture if init is not None else None,
     )
 
 

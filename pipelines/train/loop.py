@@ -1,7 +1,20 @@
 """The one training loop every Ray Train worker runs (one per data-parallel rank), for
 pretraining and every finetuning task alike: the task (`pipelines/tasks`) supplies the model,
-the step's losses and the evaluation; this loop supplies the rest (weights, resume, data,
-accumulation, logging, evaluation schedule, checkpoints, the exported model)."""
+the step's losses and the evaluation; this loop supplies the rest.
+
+It reads as five phases, each a function below:
+1. `start_or_resume`: the model, its weights (a checkpoint, or the init sources), the
+   optimizer, and each rank's random streams;
+2. `run_epoch`: the optimizer steps of one epoch over this rank's rows in the fixed order;
+3. `log_and_report`: a logged row (history, console, Ray Train report, checkpoint);
+4. `evaluate`: the task's metrics on the held-out split;
+5. `export_final`: `save_pretrained` into STORAGE/RUN/final/.
+
+Reports and the epoch: a row's `epoch` is epochs of data seen, fractional inside an epoch and
+whole only once the epoch is over and (when one is due) evaluated, so the first report at epoch
+N carries epoch N's evaluation, which is what Tune's ASHA (time attribute `epoch`) decides on.
+Every report carries the newest evaluation (`eval_*`, and `eval_epoch`, when it was made).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +24,15 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipelines.data.stream import collate_rows
+from pipelines.batches import collate_rows, to_device
 from pipelines.tasks.base import StepContext, Task
-from pipelines.train.checkpoint import TrainState, load_state, save_state
+from pipelines.train.checkpoint import TrainState, load_state, save_state, set_rng_state
 from pipelines.train.config import TrainConfig
 from pipelines.train.metrics import StepMeter, format_step_line, peak_flops
 from pipelines.train.optim import build_job_optimizer
@@ -39,16 +53,19 @@ class TrainPlan:
     job: dict  # TrainConfig.model_dump()
     model_config: dict  # MPlugConfig.to_dict(), overrides applied
     total_steps: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # at the largest worker count (the loop recomputes it for the actual one)
     run_uri: str  # STORAGE/RUN: where metrics.csv, curves.png and final/ go
     flops_per_sample: float  # model FLOPs of one training sample (forward + backward)
     train_rows: int
     eval_rows: int
-    global_batch: int
+    global_batch: int  # at the largest worker count
     weight_sources: list[str] = field(default_factory=list)  # one line per source, in load order
+    # The model class `model.init` saved (its config.json), None when it does not say (an
+    # official checkpoint) or there is no init: read once by the plan, before Ray.
+    init_architecture: str | None = None
 
 
-def _seed(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -57,7 +74,7 @@ def _seed(seed: int) -> None:
 def synced_batches(batches: Iterable[dict], device: torch.device) -> Iterator[dict]:
     """Yield batches while EVERY rank still has one.
 
-    Shards are complete, not equal (see `train_data_config`): one rank may run out a batch
+    Shards are complete, not equal (see `pipelines/data/order.py`): one rank may run out a batch
     early. A rank that stopped alone would leave the others blocked in DDP's all-reduce, so all
     ranks agree each step (one 1-element all-reduce) and end the epoch together.
     """
@@ -75,6 +92,26 @@ def synced_batches(batches: Iterable[dict], device: torch.device) -> Iterator[di
         yield batch
 
 
+def step_groups(batches: Iterable[dict], accum: int) -> Iterator[tuple[list[dict], bool]]:
+    """The micro-batches of each optimizer step (`accum` of them; a last incomplete group is
+    dropped) and whether that step is the epoch's last. One step is read ahead to know it."""
+    it = iter(batches)
+
+    def group() -> list[dict] | None:
+        micro = []
+        for batch in it:
+            micro.append(batch)
+            if len(micro) == accum:
+                return micro
+        return None
+
+    current = group()
+    while current is not None:
+        following = group()
+        yield current, following is None
+        current = following
+
+
 def build_task(plan: TrainPlan) -> Task:
     from mplug import MPlugConfig
     from pipelines.tasks import task_class
@@ -83,9 +120,66 @@ def build_task(plan: TrainPlan) -> Task:
     return task_class(plan.task)(job, MPlugConfig.from_dict(plan.model_config))
 
 
+@dataclass
+class Worker:
+    """One rank's run: what every phase reads and updates."""
+
+    plan: TrainPlan
+    task: Task
+    job: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    state: TrainState
+    chunks: list
+    transform_tasks: int
+    eval_shard: Any = None
+    meter: StepMeter = field(default_factory=StepMeter)
+    window: dict[str, torch.Tensor] = field(default_factory=dict)  # summed values since the last log
+    window_steps: int = 0
+    latest_eval: dict[str, float] = field(default_factory=dict)  # carried in every later report
+    samples: SampleLog | None = None
+    eval_setup: Any = None  # the task's EvalSetup, read once on rank 0
+    exported: bool = False
+    peak: float | None = None
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step with the worker group as it is (elastic groups vary)."""
+        return self.job.data.batch_size * self.job.optim.grad_accum_steps * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.plan.train_rows // self.global_batch)
+
+    def epoch_progress(self) -> float:
+        """Epochs of data seen: the finished epochs plus the share of this one, below 1 until it ends."""
+        done = (self.state.step - self.state.epoch_start_step) / self.steps_per_epoch
+        return self.state.epoch + min(done, 1.0 - 1e-6)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """`config`: {"plan": TrainPlan fields, "chunks": an object ref to the training data's
     chunks (`pipelines/data/order.py`), "transform_tasks": this rank's transform tasks}."""
+    w = start_or_resume(config)
+    if w.eval_shard is not None and w.job.run.eval_at_start:
+        evaluate(w)
+        log_and_report(w, {"step": float(w.state.step), "epoch": w.epoch_progress()}, checkpoint=False)
+    while w.state.step < w.plan.total_steps:
+        run_epoch(w)
+    if not w.exported:
+        export_final(w)
+
+
+# ---- 1. start or resume --------------------------------------------------------------------------
+def start_or_resume(config: dict) -> Worker:
+    """Build the model and optimizer and load their state: a checkpoint when Ray Train hands one
+    (a restarted worker group, a relaunched run), else the configured initial weights. A resumed
+    rank continues its own random streams (MLM masks, ITM negatives, dropout) from the checkpoint,
+    restored last, after everything that draws from them at start-up."""
     import ray
     import ray.train
     import ray.train.torch
@@ -93,7 +187,6 @@ def train_loop_per_worker(config: dict) -> None:
     from pipelines.train.init import load_initial_weights
 
     plan = TrainPlan(**config["plan"])
-    chunks = ray.get(config["chunks"])
     task = build_task(plan)
     job = task.job
     ctx = ray.train.get_context()
@@ -101,27 +194,26 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     # The same initial weights and ITC queues on every rank: FSDP2 shards each rank's own
     # init without a broadcast (DDP would broadcast rank 0's, but need not).
-    _seed(job.run.seed)
+    seed_everything(job.run.seed)
     model = task.build_model()
-    state, optim_state = TrainState(world_size=world, strategy=job.scaling.strategy), None
+    state, optim_state, rng = TrainState(world_size=world, strategy=job.scaling.strategy), None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # the checkpoint holds every weight: no init source is read
         with checkpoint.as_directory() as d:
             loaded = load_state(Path(d), rank=rank)
         model.load_state_dict(loaded.model_state)
-        state, optim_state = loaded.state, loaded.optim_state
+        state, optim_state, rng = loaded.state, loaded.optim_state, loaded.rng
         state.resumed_from.append(state.step)
-        state.world_size = world
         if rank == 0:
             log.info(f"[mplug] resumed from step {state.step} (checkpoint {checkpoint.path})")
     else:
-        for line in load_initial_weights(model, job.model) + task.after_initial_weights(model):
+        for line in load_initial_weights(model, job.model) + task.after_initial_weights(
+            model, init_architecture=plan.init_architecture
+        ):
             if rank == 0:
                 log.info(f"[mplug] {line}")
-    _seed(job.run.seed * 1000 + rank)  # per-rank masks, negatives and augmentation
     if job.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-
     model = parallelize(
         model, strategy=job.scaling.strategy, device=device, find_unused_parameters=task.unused_parameters
     )
@@ -129,142 +221,233 @@ def train_loop_per_worker(config: dict) -> None:
     if optim_state is not None:
         load_optim_state(model, optimizer, optim_state["optimizer"])
         scheduler.load_state_dict(optim_state["scheduler"])
+    checkpoint_world = state.world_size
+    w = Worker(
+        plan=plan, task=task, job=job, rank=rank, world=world, device=device, model=model,
+        optimizer=optimizer, scheduler=scheduler, state=state, chunks=ray.get(config["chunks"]),
+        transform_tasks=config["transform_tasks"], peak=peak_flops(device),
+        eval_shard=ray.train.get_dataset_shard("eval") if plan.eval_rows else None,
+        latest_eval=_newest_evaluation(state.history),
+    )  # fmt: skip
+    _announce_worker_group(w, checkpoint_world)
+    if job.run.log_sample_keys:
+        w.samples = SampleLog(plan.run_uri, rank)
+    if rng is not None and checkpoint_world == world:
+        set_rng_state(rng)
+    else:  # a new run, or a worker group of another size: fresh per-rank streams
+        seed_everything(job.run.seed * 1000 + rank)
+    return w
 
-    accum = job.optim.grad_accum_steps
-    if rank == 0:
+
+def _newest_evaluation(history: list[dict[str, float]]) -> dict[str, float]:
+    """The last evaluation of a resumed run's history, to carry on in its reports."""
+    for row in reversed(history):
+        evals = {k: v for k, v in row.items() if k.startswith("eval_")}
+        if evals:
+            return {**evals, "eval_epoch": row["epoch"]}
+    return {}
+
+
+def _announce_worker_group(w: Worker, checkpoint_world: int) -> None:
+    """Say how many workers train and what that makes of the batch and the epoch; after a resume
+    with another worker count (an elastic group that lost or gained a node), say so in one line:
+    the interrupted epoch then restarts from its first row (the rows are dealt otherwise)."""
+    lo_hi = w.job.scaling.num_workers
+    elastic = not isinstance(lo_hi, int) and lo_hi[0] != lo_hi[1]
+    if w.rank == 0:
         log.info(
-            f"[mplug] task {task.name}: {world} worker(s) on {device}, {torch.get_num_threads()} torch "
-            f"threads each, {plan.total_steps} steps of {plan.global_batch} samples"
+            f"[mplug] task {w.task.name}: {w.world} worker(s) on {w.device}, {torch.get_num_threads()} torch "
+            f"threads each, {w.plan.total_steps} steps of {w.global_batch} samples"
+            + (
+                f" ({w.steps_per_epoch} per epoch)"
+                if elastic or w.global_batch != w.plan.global_batch
+                else ""
+            )
         )
-    peak = peak_flops(device)
-    eval_shard = ray.train.get_dataset_shard("eval") if plan.eval_rows else None
-    meter, window, window_steps = StepMeter(), {}, 0
-    latest_eval: dict[str, float] = {}  # carried in every later report (not in the history)
-    exported = False  # final/ written (at the last step, before its report)
-    if eval_shard is not None and job.run.eval_at_start:
-        row = {"step": float(state.step), "epoch": float(state.epoch)}
-        latest_eval = _evaluate(model, task, eval_shard, job, device, rank)
-        state.history.append({**row, **latest_eval})
-        _report(model, optimizer, scheduler, state, rank, {**row, **latest_eval}, plan, checkpoint=False)
-    model.train()
+    if w.state.step and checkpoint_world != w.world:
+        if w.rank == 0:
+            log.info(
+                f"[mplug] worker group changed from {checkpoint_world} to {w.world} worker(s) (a node was lost "
+                f"or added): global batch now {w.global_batch}; epoch {w.state.epoch} restarts from its first row"
+            )
+        w.state.epoch_start_step = w.state.step
+    w.state.world_size = w.world
 
-    samples = SampleLog(plan.run_uri, rank) if job.run.log_sample_keys else None
+
+# ---- 2. one epoch --------------------------------------------------------------------------------
+def run_epoch(w: Worker) -> None:
+    """The optimizer steps of epoch `state.epoch` (or what is left of it after a resume), then
+    the epoch's evaluation and its report. Ends early at the run's last step."""
+    state, job = w.state, w.job
     # A resumed run continues its epoch where the checkpoint was taken: each rank's rows of an
     # epoch are a fixed sequence, so it skips the rows its steps have already trained on.
-    skip_rows = (state.step - state.epoch_start_step) * job.data.batch_size * accum
-    if skip_rows and state.world_size != world:
-        skip_rows = 0  # another worker count deals the chunks otherwise: the epoch restarts
-    while state.step < plan.total_steps:
-        batches = _epoch_batches(
-            task, job, chunks, state.epoch, rank, world, skip_rows, config["transform_tasks"]
-        )
-        batches = (to_device(b, device) for b in batches)
-        meter.restart()
-        step_at_epoch_start, micro = state.epoch_start_step if skip_rows else state.step, []
-        state.epoch_start_step, skip_rows = step_at_epoch_start, 0
-        for batch in synced_batches(batches, device):
-            if samples is not None:
-                samples.add(state.epoch, batch["key"])
-            micro.append(batch)
-            if len(micro) < accum:
-                continue
-            meter.batch_arrived()  # the wait covers every micro-batch of the step
-            step_ctx = StepContext(state.step, state.epoch, plan.steps_per_epoch)
-            result = train_step(
-                model, task, micro, optimizer, scheduler, step_ctx,
-                grad_clip=job.optim.grad_clip, precision=job.scaling.precision,
-            )  # fmt: skip
-            micro = []
-            state.step += 1
-            state.samples_seen += plan.global_batch
-            meter.step_done(plan.global_batch)
-            for name, value in result.values.items():
-                window[name] = window[name] + value if name in window else value
-            window_steps += 1
-
-            final = state.step >= plan.total_steps
-            if state.step % job.run.log_every == 0 or final or state.step % job.run.checkpoint_every == 0:
-                # Epochs of data seen (fractional), the time Tune's ASHA schedules by.
-                done = min(1.0, (state.step - step_at_epoch_start) / plan.steps_per_epoch)
-                row = {"step": float(state.step), "epoch": state.epoch + done}
-                row.update({k: float(v.item()) / window_steps for k, v in window.items()})  # the host sync
-                row["lr"] = scheduler.get_last_lr()[-1]
-                row.update(meter.window())
-                if result.grad_norm is not None:
-                    row["grad_norm"] = float(result.grad_norm.item())
-                if peak is not None:
-                    row["mfu"] = plan.flops_per_sample * row["samples_per_s"] / (peak * world)
-                window, window_steps = {}, 0
-                if final and eval_shard is not None:
-                    latest_eval = _evaluate(model, task, eval_shard, job, device, rank)
-                    row.update(latest_eval)
-                state.history.append(row)
-                if rank == 0:
-                    log.info("[mplug] " + format_step_line(row, plan.total_steps))
-                if final:
-                    # Export before the last report: a Tune scheduler that sees the run reach its
-                    # time budget (ASHA's max_t) stops the trial on that report, before the loop ends.
-                    _export_final(model, state, plan, rank)
-                    exported = True
-                _report(model, optimizer, scheduler, state, rank, {**latest_eval, **row}, plan, checkpoint=True,
-                        samples=samples)  # fmt: skip
-            if final:
-                break
-        if state.step == step_at_epoch_start and state.step < plan.total_steps:
-            raise RuntimeError(
-                f"rank {rank}: a whole epoch gave no optimizer step: the shard has fewer than "
-                f"batch_size × grad_accum_steps = {job.data.batch_size * accum} rows; lower data.batch_size"
-            )
-        state.epoch += 1
+    skip_rows = (state.step - state.epoch_start_step) * job.data.batch_size * job.optim.grad_accum_steps
+    batches = (to_device(b, w.device) for b in _epoch_batches(w, skip_rows))
+    w.meter.restart()
+    stepped = False
+    for micro, last_of_epoch in step_groups(synced_batches(batches, w.device), job.optim.grad_accum_steps):
+        if w.samples is not None:
+            for batch in micro:
+                w.samples.add(state.epoch, batch["key"])
+        w.meter.batch_arrived()  # the wait covers every micro-batch of the step
+        step_ctx = StepContext(state.step, state.epoch, w.steps_per_epoch)
+        result = train_step(
+            w.model, w.task, micro, w.optimizer, w.scheduler, step_ctx,
+            grad_clip=job.optim.grad_clip, precision=job.scaling.precision,
+        )  # fmt: skip
+        stepped = True
+        state.step += 1
+        state.samples_seen += w.global_batch
+        w.meter.step_done(w.global_batch)
+        for name, value in result.values.items():
+            w.window[name] = w.window[name] + value if name in w.window else value
+        w.window_steps += 1
+        final = state.step >= w.plan.total_steps
+        if last_of_epoch:
+            _end_epoch(w)
+        if w.eval_shard is not None and (
+            final or (last_of_epoch and state.epoch % job.run.eval_every_epochs == 0)
+        ):
+            evaluate(w)
         if (
-            state.step < plan.total_steps
-            and eval_shard is not None
-            and state.epoch % job.run.eval_every_epochs == 0
+            final
+            or last_of_epoch
+            or state.step % job.run.log_every == 0
+            or state.step % job.run.checkpoint_every == 0
         ):
-            row = {"step": float(state.step), "epoch": float(state.epoch)}
-            row.update(_evaluate(model, task, eval_shard, job, device, rank))
-            state.history.append(row)
-            _report(model, optimizer, scheduler, state, rank, row, plan, checkpoint=False)
+            row = _step_row(w, result)
+            if final:
+                # Export before the last report: a Tune scheduler that sees the run reach its
+                # time budget (ASHA's max_t) stops the trial on that report, before the loop ends.
+                export_final(w)
+            log_and_report(w, row, checkpoint=True)
+        if final:
+            return
+    if not stepped:
+        if skip_rows:  # resumed after the epoch's last step: nothing of it was left
+            _end_epoch(w)
+            return
+        raise RuntimeError(
+            f"rank {w.rank}: a whole epoch gave no optimizer step: the shard has fewer than batch_size × "
+            f"grad_accum_steps = {job.data.batch_size * job.optim.grad_accum_steps} rows; lower data.batch_size"
+        )
 
-    if not exported:
-        _export_final(model, state, plan, rank)
+
+def _end_epoch(w: Worker) -> None:
+    w.state.epoch += 1
+    w.state.epoch_start_step = w.state.step
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors of a collated batch onto the device; ids stay host-side."""
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
+def _step_row(w: Worker, result) -> dict[str, float]:
+    """The logged row of the step just done: the window's mean values, lr, throughput."""
+    row = {"step": float(w.state.step), "epoch": w.epoch_progress()}
+    if w.window_steps:
+        row.update({k: float(v.item()) / w.window_steps for k, v in w.window.items()})  # the host sync
+    row["lr"] = w.scheduler.get_last_lr()[-1]
+    row.update(w.meter.window())
+    if result.grad_norm is not None:
+        row["grad_norm"] = float(result.grad_norm.item())
+    if w.peak is not None:
+        row["mfu"] = w.plan.flops_per_sample * row["samples_per_s"] / (w.peak * w.world)
+    w.window, w.window_steps = {}, 0
+    return row
 
 
-def _evaluate(
-    model, task: Task, shard, job: TrainConfig, device: torch.device, rank: int
-) -> dict[str, float]:
-    """The task's metrics on the eval split: each rank predicts its shard, rank 0 scores them
-    all. Every rank returns the same dict (`eval_<metric>`) after one broadcast."""
-    eval_model = _eval_copy(model, task, device)
-    predictions: list[dict] = []
-    with torch.no_grad(), autocast(device, job.scaling.precision):
-        for batch in shard.iter_torch_batches(
-            batch_size=job.data.eval_batch_size or job.data.batch_size, collate_fn=collate_rows
-        ):
-            predictions.extend(task.predict(eval_model, to_device(batch, device)))
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed:
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, predictions)
-        predictions = [p for part in parts for p in part]
-    metrics: list = [None]
-    if rank == 0:
-        with torch.no_grad():
-            scored = task.score(predictions, eval_model, task.eval_setup(job.data.eval_uris))
-        metrics[0] = {f"eval_{k}": float(v) for k, v in scored.items() if v is not None}
-    if distributed:
-        dist.broadcast_object_list(metrics, src=0)
-    model.train()
-    if rank == 0:
-        log.info(f"[mplug] eval {task.primary_metric} {metrics[0][f'eval_{task.primary_metric}']:.3f}")
-    return metrics[0]
+# ---- 3. log and report ---------------------------------------------------------------------------
+def log_and_report(w: Worker, row: dict[str, float], checkpoint: bool) -> None:
+    """Append `row` to the history, print it, and report it to Ray Train with the newest
+    evaluation; with a checkpoint when `checkpoint` and one is due (every
+    `run.checkpoint_every` steps, and the last step)."""
+    import ray.train
+
+    state, job = w.state, w.job
+    if w.latest_eval.get("eval_step") == state.step:  # evaluated at this step: the history keeps it
+        row = {**row, **{k: v for k, v in w.latest_eval.items() if k not in ("eval_epoch", "eval_step")}}
+    state.history.append(row)
+    if w.rank == 0:
+        line = format_step_line(row, w.plan.total_steps) if "loss" in row else _eval_line(row)
+        log.info("[mplug] " + line)
+    metrics = {k: float(v) for k, v in {**w.latest_eval, **row}.items()}
+    final = state.step >= w.plan.total_steps
+    if not checkpoint or not (final or state.step % job.run.checkpoint_every == 0):
+        ray.train.report(metrics)
+        return
+    if w.samples is not None:
+        w.samples.flush(state.step)
+    # Every rank gathers (FSDP needs all ranks); only rank 0 writes the model and optimizer.
+    model_state = full_state_dict(w.model)
+    optim_state = {"optimizer": full_optim_state(w.model, w.optimizer), "scheduler": w.scheduler.state_dict()}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_state(
+            Path(tmp),
+            rank=w.rank,
+            model_state=model_state if w.rank == 0 else None,
+            optim_state=optim_state if w.rank == 0 else None,
+            state=state,
+            model_config=_config_json(w.model) if w.rank == 0 else None,
+        )
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+        )
+    if w.rank == 0:
+        _write_curves(state, w.plan.run_uri)
+
+
+def _eval_line(row: dict[str, float]) -> str:
+    evals = " ".join(
+        f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("eval_") and not k.startswith(("eval_chance_", "eval_num_"))
+    )  # fmt: skip
+    return f"step {int(row['step'])} epoch {row['epoch']:.2f} | eval {evals}"
+
+
+def _config_json(model) -> str:
+    """The model's config.json as `save_pretrained` writes it (its class in `architectures`), so a
+    checkpoint folder says which model it holds."""
+    inner = unwrap(model)
+    inner.config.architectures = [type(inner).__name__]
+    return inner.config.to_json_string()
+
+
+def _write_curves(state: TrainState, run_uri: str) -> None:
+    from pipelines import storage
+    from pipelines.train.checkpoint import history_to_csv
+    from pipelines.train.metrics import plot_curves_png
+
+    storage.write_text(storage.join(run_uri, "metrics.csv"), history_to_csv(state.history))
+    storage.write_bytes(
+        storage.join(run_uri, "curves.png"),
+        plot_curves_png(state.history, run_uri.rstrip("/").rsplit("/", 1)[-1]),
+    )
+
+
+# ---- 4. evaluate ---------------------------------------------------------------------------------
+def evaluate(w: Worker) -> None:
+    """The task's metrics on the eval split, as `eval_<metric>`, into `w.latest_eval` (with the
+    step and epoch they were made at). Every rank takes part; every rank ends with the same dict."""
+    from pipelines.distributed import TorchCollective
+    from pipelines.eval.passes import evaluate_batches
+
+    job, comm = w.job, TorchCollective()
+    if w.eval_setup is None and comm.rank == 0:  # what scoring needs besides the rows (references)
+        w.eval_setup = w.task.eval_setup(job.data.eval_uris)
+
+    def batches() -> Iterator[dict]:
+        size = job.data.eval_batch_size or job.data.batch_size
+        for batch in w.eval_shard.iter_torch_batches(batch_size=size, collate_fn=collate_rows):
+            yield to_device(batch, w.device)
+
+    eval_model = _eval_copy(w.model, w.task, w.device)
+    with torch.no_grad(), autocast(w.device, job.scaling.precision):
+        scored = evaluate_batches(w.task, eval_model, batches, comm, w.eval_setup).metrics
+    w.model.train()
+    w.latest_eval = {f"eval_{k}": float(v) for k, v in scored.items() if isinstance(v, int | float)}
+    w.latest_eval.update(eval_epoch=w.epoch_progress(), eval_step=float(w.state.step))
+    if w.rank == 0:
+        metric = f"eval_{w.task.primary_metric}"
+        log.info(f"[mplug] eval {w.task.primary_metric} {w.latest_eval[metric]:.3f} (step {w.state.step})")
+    w.meter.restart()  # evaluation time is neither data wait nor training
 
 
 def _eval_copy(model, task: Task, device: torch.device):
@@ -280,19 +463,38 @@ def _eval_copy(model, task: Task, device: torch.device):
     return copy.to(device).eval()
 
 
-def _epoch_batches(task: Task, job: TrainConfig, chunks, epoch: int, rank: int, world: int, skip_rows: int,
-                   transform_tasks: int):  # fmt: skip
-    """This rank's training batches of `epoch`, in the fixed order (`pipelines/data/order.py`)."""
+# ---- 5. export ---------------------------------------------------------------------------------
+def export_final(w: Worker) -> None:
+    """`save_pretrained` into STORAGE/RUN/final/ so `from_pretrained` and finetuning start there."""
+    from pipelines import storage
+
+    full = full_state_dict(w.model)  # a collective under FSDP: every rank takes part
+    w.exported = True
+    if w.rank != 0:
+        return
+    final_uri = storage.join(w.plan.run_uri, "final")
+    with tempfile.TemporaryDirectory() as tmp:
+        unwrap(w.model).save_pretrained(tmp, state_dict=full)
+        for path in sorted(Path(tmp).iterdir()):
+            storage.write_bytes(storage.join(final_uri, path.name), path.read_bytes())
+    log.info(f"[mplug] exported final model (step {w.state.step}) to {final_uri}")
+
+
+# ---- data ------------------------------------------------------------------------------------------
+def _epoch_batches(w: Worker, skip_rows: int):
+    """This rank's training batches of the current epoch, in the fixed order
+    (`pipelines/data/order.py`), the first `skip_rows` rows skipped."""
     from pipelines.data.order import rank_windows
     from pipelines.data.stream import image_row_bytes, rank_epoch_dataset
 
+    task, job, epoch = w.task, w.job, w.state.epoch
     cfg = task.model_config
-    window = max(1, job.data.local_shuffle_buffer // max(1, max(c.rows for c in chunks)))
-    windows = rank_windows(chunks, seed=job.run.seed, epoch=epoch, rank=rank, world=world, window=window,
-                           skip_rows=skip_rows)  # fmt: skip
+    window = max(1, job.data.local_shuffle_buffer // max(1, max(c.rows for c in w.chunks)))
+    windows = rank_windows(w.chunks, seed=job.run.seed, epoch=epoch, rank=w.rank, world=w.world,
+                           window=window, skip_rows=skip_rows)  # fmt: skip
     ds = rank_epoch_dataset(
         windows, task.transform(train=True), columns=task.columns, seed=job.run.seed, epoch=epoch,
-        batch_size=job.data.batch_size, transform_tasks=transform_tasks,
+        batch_size=job.data.batch_size, transform_tasks=w.transform_tasks,
         row_bytes=image_row_bytes(cfg.image_size, cfg.max_text_len, getattr(task, "images_per_row", 1)),
     )  # fmt: skip
     # Tensors, plus ids where a task needs them (SCST's image ids) and the row keys.
@@ -318,62 +520,3 @@ class SampleLog:
             name = f"epoch{epoch:04d}-rank{self.rank}-upto{step:08d}.txt"
             storage.write_text(storage.join(self.run_uri, "samples", name), "\n".join(keys) + "\n")
         self.pending = {}
-
-
-def _report(model, optimizer, scheduler, state: TrainState, rank: int, row: dict, plan: TrainPlan,
-            checkpoint: bool, samples: SampleLog | None = None) -> None:  # fmt: skip
-    import ray.train
-
-    job = TrainConfig.model_validate(plan.job)
-    metrics = {k: float(v) for k, v in row.items()}
-    final = state.step >= plan.total_steps
-    if not checkpoint or not (final or state.step % job.run.checkpoint_every == 0):
-        ray.train.report(metrics)
-        return
-    if samples is not None:
-        samples.flush(state.step)
-    # Every rank gathers (FSDP needs all ranks); only rank 0 writes the model and optimizer.
-    model_state = full_state_dict(model)
-    optim_state = {"optimizer": full_optim_state(model, optimizer), "scheduler": scheduler.state_dict()}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_state(
-            Path(tmp),
-            rank=rank,
-            model_state=model_state if rank == 0 else None,
-            optim_state=optim_state if rank == 0 else None,
-            state=state,
-        )
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_{state.step:08d}",
-        )
-    if rank == 0:
-        _write_curves(state, plan.run_uri)
-
-
-def _write_curves(state: TrainState, run_uri: str) -> None:
-    from pipelines import storage
-    from pipelines.train.checkpoint import history_to_csv
-    from pipelines.train.metrics import plot_curves_png
-
-    storage.write_text(storage.join(run_uri, "metrics.csv"), history_to_csv(state.history))
-    storage.write_bytes(
-        storage.join(run_uri, "curves.png"),
-        plot_curves_png(state.history, run_uri.rstrip("/").rsplit("/", 1)[-1]),
-    )
-
-
-def _export_final(model, state: TrainState, plan: TrainPlan, rank: int) -> None:
-    """`save_pretrained` into STORAGE/RUN/final/ so `from_pretrained` and finetuning start there."""
-    from pipelines import storage
-
-    full = full_state_dict(model)  # a collective under FSDP: every rank takes part
-    if rank != 0:
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        unwrap(model).save_pretrained(tmp, state_dict=full)
-        final_uri = storage.join(plan.run_uri, "final")
-        for path in sorted(Path(tmp).iterdir()):
-            storage.write_bytes(storage.join(final_uri, path.name), path.read_bytes())
-    log.info(f"[mplug] exported final model (step {state.step}) to {storage.join(plan.run_uri, 'final')}")

@@ -88,7 +88,7 @@ def test_grounding_bins_start_ordinal_from_a_pretraining_and_stay_trained_from_a
     model = task.build_model()
     load_run_weights(model, str(run / "final"))
     loaded = _bin_rows(model)
-    lines = task.after_initial_weights(model)
+    lines = task.after_initial_weights(model, resolve_init(str(run)).architecture)
     assert "ordinal code" in lines[0]
     written = _bin_rows(model)
     assert not torch.equal(written, loaded)
@@ -103,12 +103,53 @@ def test_grounding_bins_start_ordinal_from_a_pretraining_and_stay_trained_from_a
     again = _grounding_task(tmp_path, str(tmp_path / "grounding"), "ordinal")
     continued = again.build_model()
     load_run_weights(continued, str(tmp_path / "grounding" / "final"))
-    assert "kept as trained" in again.after_initial_weights(continued)[0]
+    architecture = resolve_init(str(tmp_path / "grounding")).architecture
+    assert "kept as trained" in again.after_initial_weights(continued, architecture)[0]
     torch.testing.assert_close(_bin_rows(continued), written + 0.5)
 
     # `keep` (the default, official) leaves the loaded rows alone.
     official = _grounding_task(tmp_path, str(run), "keep")
     kept = official.build_model()
     load_run_weights(kept, str(run / "final"))
-    assert official.after_initial_weights(kept) == []
+    assert official.after_initial_weights(kept, resolve_init(str(run)).architecture) == []
     torch.testing.assert_close(_bin_rows(kept), loaded)
+
+
+def _planned_grounding(tmp_path, init: str, bin_init: str):
+    """`plan_run` of a grounding finetuning from `init` on a stand-in ingest output."""
+    import json
+
+    from pipelines.train.config import load_config
+    from pipelines.train.launch import plan_run
+
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "stats.json").write_text(json.dumps({"written": 64}))
+    job = load_config("jobs/configs/finetune_grounding_tiny.yaml", {
+        "model.init": init, "grounding.bin_init": bin_init, "data.uris": [str(data)], "data.eval_uris": [],
+        "run.storage": str(tmp_path / "runs"),
+    })  # fmt: skip
+    return plan_run(job)
+
+
+def test_a_checkpoint_folder_as_init_is_resolved_by_the_plan_before_ray(tmp_path) -> None:
+    """`--init STORAGE/RUN/checkpoint_N`: the plan reads which model it holds (its config.json,
+    written with every checkpoint); one without (an older checkpoint) is refused by the plan when
+    the task must know, never on the workers."""
+    from mplug.grounding import MPlugForGrounding
+    from pipelines.train.config import ConfigError
+    from pipelines.train.loop import _config_json
+
+    task = _grounding_task(tmp_path, "unused", "ordinal")
+    model = MPlugForGrounding(task.model_config)
+    checkpoint = tmp_path / "run" / "checkpoint_00000040"
+    model.save_pretrained(checkpoint)  # model.safetensors
+    (checkpoint / "config.json").write_text(_config_json(model))  # as the loop writes it
+    plan = _planned_grounding(tmp_path, str(checkpoint), "ordinal")
+    assert plan.init_architecture == "MPlugForGrounding"
+    assert any("checkpoint_00000040" in line for line in plan.weight_sources)
+
+    (checkpoint / "config.json").unlink()
+    with pytest.raises(ConfigError, match="does not say whether it holds a grounding model"):
+        _planned_grounding(tmp_path, str(checkpoint), "ordinal")
+    assert _planned_grounding(tmp_path, str(checkpoint), "keep").init_architecture is None

@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.train.checkpoint import TrainState, history_from_csv, history_to_csv, load_state, save_state
+from pipelines.train.checkpoint import (
+    TrainState,
+    history_from_csv,
+    history_to_csv,
+    load_state,
+    save_state,
+    set_rng_state,
+)
 from pipelines.train.metrics import StepMeter, format_step_line
 from pipelines.train.optim import build_optimizer, lr_factor, param_groups
 
@@ -96,11 +103,15 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path):
 
     torch.manual_seed(0)
     loaded = load_state(tmp_path, rank=0)
+    set_rng_state(loaded.rng)  # the loop restores it when it is ready to draw
     assert (
         torch.equal(torch.rand(3), expected[0])
         and np.random.rand() == expected[1]
         and random.random() == expected[2]
     )
+    # Nothing in a checkpoint needs code to unpickle: every .pt loads with weights_only=True.
+    for name in ("optimizer.pt", "rng_rank0.pt", "rng_rank1.pt"):
+        torch.load(tmp_path / name, weights_only=True)
     fresh = Toy()
     fresh.load_state_dict(loaded.model_state)
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
