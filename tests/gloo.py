@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -17,24 +18,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, fn: Callable, world: int, port: int, results: dict, args: tuple) -> None:
+def _rank_main(
+    rank: int, fn: Callable, world: int, port: int, results: dict, args: tuple, timeout_s: float
+) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))  # fmt: skip
     try:
         results[rank] = fn(rank, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 600) -> list[Any]:
     """`fn(rank, *args)` on `world` spawned processes; returns each rank's (picklable) result.
-    `fn` must be importable (a module-level function), as spawn pickles it by name."""
+    `fn` must be importable (a module-level function), as spawn pickles it by name. A collective
+    that waits longer than `timeout_s` (ranks that disagree) fails instead of hanging."""
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         shared = manager.dict()
         mp.start_processes(
             _rank_main,
-            args=(fn, world, free_port(), shared, args),
+            args=(fn, world, free_port(), shared, args, timeout_s),
             nprocs=world,
             join=True,
             start_method="spawn",

@@ -151,3 +151,31 @@ def unsharded(model: nn.Module) -> Iterator[nn.Module]:
         yield inner
     finally:
         inner.reshard()
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[nn.Module]:
+    """The bare module with EVERY parameter gathered on every rank for the duration, and no
+    collective in its forwards: for work whose number of forwards differs between ranks (beam
+    search stops when its beams end, at another step on each rank), which sharded forwards, each
+    an all-gather every rank must join, cannot follow. Costs a full copy of the parameters on
+    each rank while it lasts. DDP and a bare model need nothing."""
+    inner = unwrap(model)
+    if not is_sharded(model):
+        yield inner
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in inner.modules() if isinstance(m, FSDPModule)]
+    # Keep every module unsharded after its forward; put each group's setting back after.
+    saved = [(g, g.post_forward_mesh_info) for m in sharded for g in m._get_fsdp_state()._fsdp_param_groups]
+    inner.set_reshard_after_forward(False)
+    for module in sharded:  # the same modules in the same order on every rank: matched all-gathers
+        module.unshard()
+    try:
+        yield inner
+    finally:
+        for module in sharded:
+            module.reshard()
+        for group, mesh_info in saved:
+            group.post_forward_mesh_info = mesh_info

@@ -96,7 +96,7 @@ def _compare_runs(rank: int, ckpt_dir: str) -> dict | None:
     if rank == 0:
         torch.save({"model": model_state, "optim": optim_state}, path)
     dist.barrier()
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     restored = _fresh_model()
     restored.load_state_dict(ckpt["model"])
     restored, _, _, last_loss = _train(
@@ -145,3 +145,42 @@ def test_fsdp2_matches_ddp_and_resumes_exactly() -> None:
     # The restored run continues the uninterrupted one.
     assert r["resumed_losses"] == pytest.approx(r["fsdp_losses"], rel=1e-4)
     assert r["restored_vs_fsdp"] < 1e-4
+
+
+def _scst_samples(rank: int, references: str) -> dict:
+    """SCST's sampling on an FSDP2-sharded captioning model, each rank decoding a different
+    number of steps (rank 0 stops at 3 tokens, rank 1 at 7): with sharded forwards the ranks'
+    all-gathers would stop matching and the run would hang."""
+    from tests import finetune as ft
+
+    length = 3 if rank == 0 else 7
+    task = ft.task_from_config("caption", "jobs/configs/finetune_caption_scst_tiny.yaml", {
+        "data.uris": [references], "caption.min_length": length, "caption.max_length": length,
+        "model.overrides.text_config": {"vocab_size": 1024},
+    })  # fmt: skip
+    batch = {"image": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(rank)),
+             "image_id": ["img0", "img1"]}  # fmt: skip
+    ctx = StepContext(step=0, epoch=0, steps_per_epoch=1)
+    torch.manual_seed(0)
+    sharded = parallelize(task.build_model(), strategy="fsdp", device=torch.device("cpu"))
+    [(ids, _, rewards)] = task.prepare_step(sharded, [batch], ctx)
+    still_sharded = all(type(p).__name__ == "DTensor" for p in unwrap(sharded).parameters())
+    torch.manual_seed(0)
+    [(plain_ids, _, plain_rewards)] = task.prepare_step(task.build_model(), [batch], ctx)
+    return {"ids": ids.tolist(), "plain_ids": plain_ids.tolist(), "rewards": rewards.tolist(),
+            "plain_rewards": plain_rewards.tolist(), "still_sharded": still_sharded}  # fmt: skip
+
+
+def test_scst_samples_on_a_sharded_decoder_however_long_each_rank_decodes(tmp_path) -> None:
+    from tests import finetune as ft
+
+    refs = [{"key": f"k{i}", "image_id": f"img{i % 2}", "caption": c}
+            for i, c in enumerate(["a red circle", "two blue squares", "a red circle left", "blue squares"])]  # fmt: skip
+    uri = ft.caption_references(refs, str(tmp_path))
+    ranks = run_ranks(_scst_samples, WORLD, uri, timeout_s=120)
+    for rank, r in enumerate(ranks):
+        # The same captions as the unsharded model samples, each rank at its own length.
+        assert r["ids"] == r["plain_ids"]
+        torch.testing.assert_close(torch.tensor(r["rewards"]), torch.tensor(r["plain_rewards"]))
+        assert len(r["ids"][0]) == (3 if rank == 0 else 7) + 1  # [CLS] + the generated tokens
+        assert r["still_sharded"]  # resharded after sampling: training goes on sharded

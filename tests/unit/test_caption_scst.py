@@ -55,6 +55,35 @@ def test_a_flipped_image_is_rewarded_for_describing_what_it_shows(tmp_path) -> N
     assert torch.all(rewards == rewards[:, :1])  # the same caption in every beam, the same reward
 
 
+def test_a_prompted_caption_is_rewarded_without_its_prompt(tmp_path) -> None:
+    """With `caption.prompt` the model writes the prompt first; it is given, not predicted, so
+    SCST scores what follows it against the references, as the evaluation does."""
+    task = _scst_task(tmp_path)
+    prompted = ft.task_from_config(
+        "caption", "jobs/configs/finetune_caption_scst_tiny.yaml",
+        {"data.uris": task.job.data.uris, "caption.prompt": "a picture of "},
+    )  # fmt: skip
+
+    class _Prompted(_Captioner):
+        def generate(self, images, num_return_sequences: int = 1, **_):
+            ids = self.tokenizer("a picture of " + SAID, add_special_tokens=False)["input_ids"]
+            return torch.tensor(
+                [ids + [self.tokenizer.sep_token_id]] * (images.shape[0] * num_return_sequences)
+            )
+
+    batch = {
+        "image": torch.zeros(2, 3, 8, 8),
+        "image_id": ["img0", "img0"],
+        "flipped": torch.tensor([True, True]),
+    }
+    ctx = StepContext(step=0, epoch=0, steps_per_epoch=1)
+    [(_, _, plain)] = task.prepare_step(_Captioner(), [batch], ctx)
+    [(ids, _, with_prompt)] = prompted.prepare_step(_Prompted(), [batch], ctx)
+    torch.testing.assert_close(with_prompt, plain)
+    # The sequence trained on is what the model wrote, prompt included.
+    assert load_tokenizer().decode(ids[0], skip_special_tokens=True).startswith("a picture of")
+
+
 def test_an_scst_step_makes_the_better_rewarded_caption_of_an_image_more_likely(tmp_path) -> None:
     from mplug.caption import token_log_probs
 
