@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from jobs.cli import add_command, check_config, shipped_configs
@@ -15,6 +16,8 @@ FLAG_KEYS = {
     "format": "format",
     "output": "output",
     "image_root": "image_root",
+    "allow_image_paths_outside_root": "allow_image_paths_outside_root",
+    "max_annotation_bytes": "max_annotation_bytes",
     "image_column": "image_column",
     "caption_column": "caption_column",
     "key_column": "key_column",
@@ -36,7 +39,8 @@ FLAG_KEYS = {
 PLACEHOLDER_FLAGS = {"input": "--input URI", "output": "--output URI", "image_root": "--image-root URI"}
 
 # Exit statuses: 0 done; 2 invalid config or refused (an output written with other settings);
-# 3 done, but some input could not be read (rows rejected as bad_shard: see OUTPUT/rejects/).
+# 3 done, but some input could not be read (rows rejected as bad_shard or storage_error: see
+# OUTPUT/rejects/).
 EXIT_INVALID = 2
 EXIT_BAD_SHARDS = 3
 
@@ -61,8 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a GCS emulator from STORAGE_EMULATOR_HOST. --format json reads the tasks' official annotation "
         "files unchanged (captions/retrieval, COCO Karpathy, VQA, RefCOCO-style grounding, NLVR2, SNLI-VE; "
         "a JSON array or JSON Lines).\n\nExit status: 0 done; 2 invalid config, or the output was written "
-        "with other settings; 3 done, but an input file (or part of one) could not be read and was "
-        "counted as bad_shard rejects; 1 any other failure.",
+        "with other settings; 3 done, but an input file (or part of one, or an image) could not be read "
+        "and was counted as bad_shard or storage_error rejects; 1 any other failure.",
         examples=[
             "mplug ingest --input demo_out/raw/train --format parquet --output demo_out/processed/train",
             "mplug ingest --config ingest_coco_karpathy --input s3://bucket/coco/dataset_coco.json "
@@ -84,6 +88,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="gets data/, rejects/, stats.json (required, here or in the config)")  # fmt: skip
     p.add_argument("--image-root", metavar="URI",
                    help="json: what the annotations' image paths are relative to (required with json; default: none)")  # fmt: skip
+    p.add_argument(
+        "--allow-image-paths-outside-root", action="store_true", default=None,
+        help="json: trust the annotations to name images anywhere (absolute paths, other URIs, ..); "
+        "without it such a path is a path_outside_root reject (default: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-private-urls", action="store_true", default=None,
+        help="urls: also fetch loopback, private and link-local addresses (a local server, an intranet "
+        "mirror); without it such a URL is a url_not_allowed reject (default: off)",
+    )  # fmt: skip
+    p.add_argument("--max-annotation-bytes", type=int, metavar="N",
+                   help="json/urls: a longer JSON line or entry is a too_large reject, never read whole "
+                   f"({default('max_annotation_bytes')})")  # fmt: skip
     p.add_argument(
         "--splits", metavar="A,B", type=lambda text: [s for s in text.split(",") if s],
         help="json: keep only entries whose `split` is one of these, e.g. train,restval (default: every entry)",
@@ -143,10 +160,15 @@ def build_config(args: argparse.Namespace):
     path = check_config(args.config, "ingest")
     try:
         if path is not None:
-            return IngestConfig.from_yaml(path, **overrides)
-        return IngestConfig.model_validate({k: v for k, v in overrides.items() if v is not None})
+            config = IngestConfig.from_yaml(path, **overrides)
+        else:
+            config = IngestConfig.model_validate({k: v for k, v in overrides.items() if v is not None})
     except ValidationError as err:
         raise ConfigError(f"invalid config: {format_validation_error(err)}") from None
+    if getattr(args, "allow_private_urls", None):  # a key of the YAML's `download:` section
+        download = config.download.model_copy(update={"allow_private_urls": True})
+        config = config.model_copy(update={"download": download})
+    return config
 
 
 def check_before_ray(config) -> None:
@@ -189,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.data.ingest import SettingsMismatch, run_ingest
 
     config = build_config(args)
+    # The config's storage settings and credentials, for this process and a local Ray instance
+    # started below (which inherits them); they never travel in a task's runtime environment.
+    os.environ.update(config.storage_env() | config.credentials_env())
     check_before_ray(config)  # config errors exit 2 (jobs.cli.main) before Ray starts
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     init_ray(args.address)
@@ -203,11 +228,13 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  shards: {storage.join(config.output, 'data')}  rejects: {storage.join(config.output, 'rejects')}"
     )
-    bad = stats["rejected_by_reason"].get("bad_shard", 0)
+    reasons = stats["rejected_by_reason"]
+    bad = reasons.get("bad_shard", 0) + reasons.get("storage_error", 0)
     if bad:
         print(
-            f"mplug ingest: {bad} input file(s) or part(s) could not be read (reason bad_shard in "
-            f"{storage.join(config.output, 'rejects')}); the rest is written",
+            f"mplug ingest: {bad} input file(s), part(s) or image(s) could not be read (reasons bad_shard "
+            f"and storage_error in {storage.join(config.output, 'rejects')}; a re-run reads the "
+            "storage_error ones again); the rest is written",
             file=sys.stderr,
         )
         return EXIT_BAD_SHARDS
