@@ -357,11 +357,13 @@ def _step_row(w: Worker, result) -> dict[str, float]:
 def log_and_report(w: Worker, row: dict[str, float], checkpoint: bool) -> None:
     """Append `row` to the history, print it, and report it to Ray Train with the newest
     evaluation; with a checkpoint when `checkpoint` and one is due (every
-    `run.checkpoint_every` steps, and the last step)."""
+    `run.checkpoint_every` steps, and the last step). The curves (metrics.csv, curves.png) are
+    rewritten at every checkpoint and every evaluation, so a trial Tune stops keeps them."""
     import ray.train
 
     state, job = w.state, w.job
-    if w.latest_eval.get("eval_step") == state.step:  # evaluated at this step: the history keeps it
+    evaluated = w.latest_eval.get("eval_step") == state.step
+    if evaluated:  # the history keeps an evaluation in the row of its step
         row = {**row, **{k: v for k, v in w.latest_eval.items() if k not in ("eval_epoch", "eval_step")}}
     state.history.append(row)
     if w.rank == 0:
@@ -369,7 +371,10 @@ def log_and_report(w: Worker, row: dict[str, float], checkpoint: bool) -> None:
         log.info("[mplug] " + line)
     metrics = {k: float(v) for k, v in {**w.latest_eval, **row}.items()}
     final = state.step >= w.plan.total_steps
-    if not checkpoint or not (final or state.step % job.run.checkpoint_every == 0):
+    checkpoint = checkpoint and (final or state.step % job.run.checkpoint_every == 0)
+    if w.rank == 0 and (checkpoint or evaluated):
+        _write_curves(state, w.plan.run_uri)  # before the report: Tune may stop the trial on it
+    if not checkpoint:
         ray.train.report(metrics)
         return
     if w.samples is not None:
@@ -391,8 +396,6 @@ def log_and_report(w: Worker, row: dict[str, float], checkpoint: bool) -> None:
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"checkpoint_{state.step:08d}",
         )
-    if w.rank == 0:
-        _write_curves(state, w.plan.run_uri)
 
 
 def _eval_line(row: dict[str, float]) -> str:

@@ -267,12 +267,9 @@ def trial_rows(grid, plan: SearchPlan, space: SearchSpace) -> list[dict[str, Any
     rows = []
     better = max if plan.mode == "max" else min
     for result in grid:
+        history = evaluations(result.metrics_dataframe, plan.metric)
         df = result.metrics_dataframe
-        history: list[tuple[float, float]] = []
-        if df is not None and plan.metric in df:
-            scored = df.dropna(subset=[plan.metric])
-            history = sorted(zip(scored["epoch"].astype(float), scored[plan.metric].astype(float)))
-        epochs = max((e for e, _ in history), default=0.0)
+        epochs = float(df["epoch"].max()) if df is not None and "epoch" in df and len(df) else 0.0
         best = better(history, key=lambda h: h[1]) if history else (float("nan"), float("nan"))
         if result.error is not None:
             status = "error"
@@ -289,6 +286,20 @@ def trial_rows(grid, plan: SearchPlan, space: SearchSpace) -> list[dict[str, Any
             "history": history,
         })  # fmt: skip
     return rows
+
+
+def evaluations(df, metric: str) -> list[tuple[float, float]]:
+    """(epoch it was made at, value) of each evaluation a trial reported, once each, by epoch.
+    Every report carries the newest evaluation (`eval_epoch` says when it was made), so one
+    evaluation appears in many rows; a trial restarted from scratch may report one twice."""
+    if df is None or metric not in df:
+        return []
+    scored = df.dropna(subset=[metric])
+    when = scored["eval_epoch"] if "eval_epoch" in scored else scored["epoch"]  # runs before eval_epoch
+    made: dict[float, float] = {}
+    for epoch, value in zip(when.astype(float), scored[metric].astype(float)):
+        made.setdefault(epoch, value)
+    return sorted(made.items())
 
 
 def ranked_rows(plan: SearchPlan, rows: list[dict]) -> list[dict]:

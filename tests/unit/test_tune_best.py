@@ -83,3 +83,21 @@ def test_no_exported_model_is_an_error_that_says_what_to_do(tmp_path) -> None:
     _write(_plan(str(tmp_path / "nan")), [_row("a", float("nan"), 1.0, "error")], exported=())
     with pytest.raises(ValueError, match="no trial with a eval_accuracy"):
         best_trial_model(_plan(str(tmp_path / "nan")))
+
+
+def test_a_trials_evaluations_are_read_once_each_from_the_rows_that_carry_them() -> None:
+    """Every report carries the newest evaluation: the history counts each evaluation once, at
+    the epoch it was made, whatever the number of reports carrying it."""
+    import pandas as pd
+
+    from pipelines.tune.driver import evaluations
+
+    reports = pd.DataFrame([
+        {"step": 0, "epoch": 0.0, "eval_accuracy": 30.0, "eval_epoch": 0.0},
+        {"step": 2, "epoch": 0.4, "eval_accuracy": 30.0, "eval_epoch": 0.0, "loss": 2.0},
+        {"step": 5, "epoch": 1.0, "eval_accuracy": 55.0, "eval_epoch": 1.0, "loss": 1.5},
+        {"step": 7, "epoch": 1.4, "eval_accuracy": 55.0, "eval_epoch": 1.0, "loss": 1.2},
+        {"step": 10, "epoch": 2.0, "eval_accuracy": 50.0, "eval_epoch": 2.0, "loss": 1.1},
+    ])  # fmt: skip
+    assert evaluations(reports, "eval_accuracy") == [(0.0, 30.0), (1.0, 55.0), (2.0, 50.0)]
+    assert evaluations(reports.drop(columns="eval_accuracy"), "eval_accuracy") == []
