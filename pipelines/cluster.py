@@ -32,6 +32,9 @@ def init_ray(address: str | None = None, *, quiet: bool = False, num_cpus: int |
     """
     import ray
 
+    from pipelines.driver_logs import install_replay_filter
+
+    install_replay_filter()  # worker lines once, where several nodes share a log folder
     if ray.is_initialized():
         return _info(ray, local=False)
     address = address or os.environ.get("RAY_ADDRESS") or None
