@@ -9,7 +9,7 @@ import re
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 # Shipped job configs; `--config NAME` finds `NAME.yaml` here.
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -71,6 +71,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default == []:
             return f"{text} (default: none)"
         return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error told in one line (exit status 2) that names the help to read."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but an unknown flag is reported by the subcommand it was given to."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser: argparse.ArgumentParser = self
+            while True:
+                subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+                chosen = getattr(parsed, subs[0].dest, None) if subs else None
+                if chosen is None:
+                    break
+                parser = subs[0].choices[chosen]
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
 
 
 def add_command(
@@ -228,7 +249,7 @@ def fitting_configs(kind: str, task: str | None) -> list[str]:
 
 # ---- the command --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mplug",
         description="mPLUG on Ray: the vision-language model and its Ray Data / Train / Tune pipeline. "
         "`mplug COMMAND --help` is the reference of each command.",

@@ -249,7 +249,9 @@ def parse_mplug_command(words: list[str]) -> argparse.Namespace:
             args = build_parser().parse_args(words)
         except SystemExit:
             lines = [ln for ln in errors.getvalue().strip().splitlines() if ln.strip()]
-            reason = lines[-1].split("error: ", 1)[-1] if lines else "it only prints help"
+            reason = (
+                lines[-1].split("error: ", 1)[-1].split(" (see `", 1)[0] if lines else "it only prints help"
+            )
             raise SubmissionError(
                 f"not a valid mplug command: `mplug {shlex.join(words)}`: {reason}", exit_code=2
             ) from None

@@ -116,10 +116,26 @@ def test_version_is_the_installed_package_version(capsys):
     assert capsys.readouterr().out.strip() == f"mplug {version('mplug-ray')}"
 
 
-def test_unknown_subcommand_fails():
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["nope"], "mplug: error: argument COMMAND: invalid choice: 'nope'"),
+        (
+            ["pretrain", "--bogus"],
+            "mplug pretrain: error: unrecognized arguments: --bogus (see `mplug pretrain --help`)",
+        ),
+        (
+            ["train", "--config", "pretrain_tiny"],
+            "mplug train: error: the following arguments are required: --task",
+        ),
+        (["jobs", "logs"], "mplug jobs logs: error: the following arguments are required: ID"),
+    ],
+)
+def test_a_usage_error_is_one_line_naming_the_help_to_read(argv, says, capsys):
     with pytest.raises(SystemExit) as exc:
-        build_parser().parse_args(["nope"])
-    assert exc.value.code == 2
+        build_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and says in err and "--help`)" in err
 
 
 # ---- configs --------------------------------------------------------------------------------------
@@ -276,6 +292,29 @@ def test_error_line_is_one_line():
     remote = RuntimeError('Traceback (most recent call last):\n  File "x.py", line 1\nValueError: no rows')
     assert error_line(remote) == "ValueError: no rows"
     assert error_line(ValueError("first\nsecond")) == "first"
+
+
+# ---- the demo's output --------------------------------------------------------------------------------
+def test_demo_output_to_a_file_has_no_terminal_control_sequences(monkeypatch):
+    import io
+    import os
+    import sys
+
+    from jobs.demo import _PlainText, quiet_output
+
+    stream = io.StringIO()
+    plain = _PlainText(stream)
+    assert (
+        plain.write("\x1b[36m(RayTrainWorker pid=7)\x1b[0m step 10\r\x1b[A\x1b[2Kbar 50%\r\n") == 56
+    )  # all of it taken
+    assert stream.getvalue() == "(RayTrainWorker pid=7) step 10\nbar 50%\r\n" and not plain.isatty()
+    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    quiet_output(plain=True)  # output to a file: Ray's workers inherit these when it starts
+    assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and os.environ["RAY_COLOR_PREFIX"] == "0"
+    assert isinstance(sys.stdout, _PlainText) and isinstance(sys.stderr, _PlainText)
 
 
 # ---- env and the packaged tokenizer ---------------------------------------------------------------------
