@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import sys
 import time
 from pathlib import Path
 
 from jobs.cli import add_command
 
 DEMO_TASKS = ("snli_ve", "vqa", "nlvr2", "retrieval", "grounding", "caption")
+# Trials at once: one Train worker each, on the 2 CPU cores the demo is sized for (more at once
+# only share the same cores: measured no faster).
+MAX_CONCURRENT_TRIALS = 2
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +55,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# Terminal control sequences (colours, cursor moves) and bare carriage returns: what a terminal
+# draws with and a log file shows as noise.
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\r(?!\n)")
+
+
+class _PlainText:
+    """stdout or stderr, less terminal control sequences: for output that is not a terminal.
+    A bare carriage return (a redrawn line) becomes a newline."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(_CONTROL.sub(lambda m: "\n" if m.group(0) == "\r" else "", text))
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def quiet_output(plain: bool) -> None:
+    """Before Ray starts. The training and evaluation streams run Ray Data inside the workers, whose
+    progress bars the driver redraws as they come (and once more when it exits, after the
+    summary): off; the step lines and stage timings show progress. With `plain` (output to a
+    file or a pipe), no colours or cursor moves either, from Ray's log prefixes or anything else."""
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # read by every worker process
+    if plain:
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+        sys.stdout, sys.stderr = _PlainText(sys.stdout), _PlainText(sys.stderr)
+
+
 def _stage(title: str) -> float:
     print(f"\n== {title}", flush=True)
     return time.perf_counter()
@@ -67,113 +107,138 @@ def _ingest(raw: str, fmt: str, output: str, image_size: int, **options) -> str:
 def run(args: argparse.Namespace) -> int:
     import ray
 
-    from jobs.cli import CONFIG_DIR
     from jobs.env_cmd import collect
-    from pipelines import storage
-    from pipelines.cluster import init_ray
-    from pipelines.data.synth import render_corpus
-    from pipelines.data.synth_tasks import render_task_annotations
-    from pipelines.eval.evaluate import evaluate_task, format_result
-    from pipelines.eval.retrieval import evaluate_retrieval, format_retrieval
-    from pipelines.train.config import load_config
-    from pipelines.train.launch import run_training
-    from pipelines.tune.driver import plan_search, run_search
-    from pipelines.tune.space import load_space
+    from pipelines.cluster import init_ray, quiet_ray_data
 
+    plain = not sys.stdout.isatty()
+    quiet_output(plain)
     out = args.output if "://" in args.output else str(Path(args.output).resolve())
     started = time.perf_counter()
     env = collect(None)
     print("== mplug demo: " + ", ".join(f"{k} {env[k].split()[0]}" for k in ("torch", "ray", "transformers")))
     t = _stage("starting a local Ray instance")
     info = init_ray("local")
+    if plain:
+        quiet_ray_data()
     print(f"  ready in {time.perf_counter() - t:.1f}s: {info.cpus:g} logical CPUs, {info.gpus:g} GPUs")
     results: dict = {}
     try:
-        t = _stage(f"rendering the shapes world: {args.num_images} captioned scenes, {args.task} files")
-        raw = render_corpus(
-            storage.join(out, "raw"), num=args.num_images, fmt="parquet", seed=args.seed, image_size=96
-        )
-        task_raw = storage.join(out, "raw_tasks")
-        files = render_task_annotations(
-            task_raw, num=args.task_images, seed=args.seed, image_size=96, tasks=(args.task,)
-        )
-        print(f"  {raw['train']}, {task_raw} ({time.perf_counter() - t:.1f}s)")
-
-        t = _stage("ingesting with Ray Data")
-        processed = {
-            s: _ingest(raw[s], "parquet", storage.join(out, "processed", s), args.image_size)
-            for s in ("train", "test")
-        }
-        task_data = {
-            s: _ingest(
-                files[args.task][s],
-                "json",
-                storage.join(out, "processed", f"{args.task}_{s}"),
-                args.image_size,
-                image_root=task_raw,
-                dedupe=s == "train",
-            )  # fmt: skip
-            for s in ("train", "val", "test")
-        }
-        print(f"  ({time.perf_counter() - t:.1f}s)")
-
-        t = _stage(
-            f"pretraining mPLUG-tiny with {args.num_workers} Ray Train workers ({args.max_steps} steps)"
-        )
-        runs = storage.join(out, "runs")
-        job = load_config(
-            str(CONFIG_DIR / "pretrain_tiny.yaml"),
-            {"data.uris": [processed["train"]], "data.batch_size": args.batch_size, "data.image_size": args.image_size,
-             "run.storage": runs, "run.name": "demo-tiny", "run.max_steps": args.max_steps, "run.seed": args.seed,
-             "scaling.num_workers": args.num_workers},
-        )  # fmt: skip
-        result = run_training(job)
-        if result.error is not None:
-            print(f"pretraining failed: {result.error}")
-            return 1
-        pretrained = storage.join(runs, "demo-tiny", "final")
-        print(f"  ({time.perf_counter() - t:.0f}s)")
-
-        t = _stage("zero-shot image↔text retrieval on the held-out test split (ITC similarity)")
-        results["retrieval"] = evaluate_retrieval(pretrained, [processed["test"]])
-        print(format_retrieval(results["retrieval"]))
-        storage.write_text(
-            storage.join(runs, "demo-tiny", "retrieval_test.json"), json.dumps(results["retrieval"], indent=1)
-        )
-
-        t = _stage(f"Ray Tune: {args.trials} finetuning trials of {args.task}, ASHA, two at a time")
-        base = load_config(
-            str(CONFIG_DIR / f"finetune_{args.task}_tiny.yaml"),
-            {"data.uris": [task_data["train"]], "data.eval_uris": [task_data["val"]], "model.init": pretrained,
-             "run.storage": runs, "run.name": f"tune-{args.task}", "run.epochs": args.trial_epochs,
-             "run.seed": args.seed, "scaling.num_workers": 1, "run.checkpoint_every": 10_000},
-        )  # fmt: skip
-        space = load_space(str(CONFIG_DIR / "tune_tiny.yaml"))
-        plan = plan_search(base, space, storage_uri=runs, name=f"tune-{args.task}", num_samples=args.trials,
-                           max_concurrent=2, scheduler="asha")  # fmt: skip
-        run_search(plan, space)
-        from pipelines.tune.driver import best_trial_model
-
-        best_model = best_trial_model(plan)
-        print(f"  ({time.perf_counter() - t:.0f}s)")
-
-        t = _stage(f"mplug evaluate: the best trial on the held-out {args.task} test split")
-        results["task"] = evaluate_task(
-            args.task, best_model, [task_data["test"]], storage.join(out, "eval", args.task)
-        )
-        print(format_result(results["task"]))
+        code = _pipeline(args, out, results)
     finally:
-        ray.shutdown()
+        ray.shutdown()  # its last worker lines are printed here, before the summary
+        sys.stdout.flush()
+        sys.stderr.flush()
+    if code:
+        return code
+    print(summary(args, out, results, (time.perf_counter() - started) / 60), flush=True)
+    return 0
 
-    print(f"\n== demo finished in {(time.perf_counter() - started) / 60:.1f} min")
+
+def _pipeline(args: argparse.Namespace, out: str, results: dict) -> int:
+    """The stages; fills `results` (each stage's figures and its seconds in results["seconds"])."""
+    from jobs.cli import CONFIG_DIR
+    from pipelines import storage
+    from pipelines.data.synth import render_corpus
+    from pipelines.data.synth_tasks import render_task_annotations
+    from pipelines.eval.evaluate import evaluate_task, format_result
+    from pipelines.eval.retrieval import evaluate_retrieval, format_retrieval
+    from pipelines.train.config import load_config
+    from pipelines.train.launch import run_training
+    from pipelines.tune.driver import best_trial_model, plan_search, run_search
+    from pipelines.tune.space import load_space
+
+    seconds = results["seconds"] = {}
+    t = _stage(f"rendering the shapes world: {args.num_images} captioned scenes, {args.task} files")
+    raw = render_corpus(
+        storage.join(out, "raw"), num=args.num_images, fmt="parquet", seed=args.seed, image_size=96
+    )
+    task_raw = storage.join(out, "raw_tasks")
+    files = render_task_annotations(
+        task_raw, num=args.task_images, seed=args.seed, image_size=96, tasks=(args.task,)
+    )
+    print(f"  {raw['train']}, {task_raw} ({time.perf_counter() - t:.1f}s)")
+    seconds["synth"] = time.perf_counter() - t
+
+    t = _stage("ingesting with Ray Data")
+    processed = {
+        s: _ingest(raw[s], "parquet", storage.join(out, "processed", s), args.image_size)
+        for s in ("train", "test")
+    }
+    task_data = {
+        s: _ingest(files[args.task][s], "json", storage.join(out, "processed", f"{args.task}_{s}"), args.image_size,
+                   image_root=task_raw, dedupe=s == "train")
+        for s in ("train", "val", "test")
+    }  # fmt: skip
+    seconds["ingest"] = time.perf_counter() - t
+    print(f"  ({seconds['ingest']:.1f}s)")
+
+    t = _stage(f"pretraining mPLUG-tiny with {args.num_workers} Ray Train workers ({args.max_steps} steps)")
+    runs = storage.join(out, "runs")
+    job = load_config(
+        str(CONFIG_DIR / "pretrain_tiny.yaml"),
+        {"data.uris": [processed["train"]], "data.batch_size": args.batch_size, "data.image_size": args.image_size,
+         "run.storage": runs, "run.name": "demo-tiny", "run.max_steps": args.max_steps, "run.seed": args.seed,
+         "scaling.num_workers": args.num_workers},
+    )  # fmt: skip
+    result = run_training(job)
+    if result.error is not None:
+        print(f"pretraining failed: {result.error}")
+        return 1
+    pretrained = storage.join(runs, "demo-tiny", "final")
+    seconds["pretraining"] = time.perf_counter() - t
+    print(f"  ({seconds['pretraining']:.0f}s)")
+
+    t = _stage("zero-shot image↔text retrieval on the held-out test split (ITC similarity)")
+    results["retrieval"] = evaluate_retrieval(pretrained, [processed["test"]])
+    print(format_retrieval(results["retrieval"]))
+    storage.write_text(
+        storage.join(runs, "demo-tiny", "retrieval_test.json"), json.dumps(results["retrieval"], indent=1)
+    )
+    seconds["zero-shot retrieval"] = time.perf_counter() - t
+
+    at_once = min(args.trials, MAX_CONCURRENT_TRIALS)
+    t = _stage(f"Ray Tune: {args.trials} finetuning trials of {args.task}, ASHA, {at_once} at a time")
+    base = load_config(
+        str(CONFIG_DIR / f"finetune_{args.task}_tiny.yaml"),
+        {"data.uris": [task_data["train"]], "data.eval_uris": [task_data["val"]], "model.init": pretrained,
+         "run.storage": runs, "run.name": f"tune-{args.task}", "run.epochs": args.trial_epochs,
+         "run.seed": args.seed, "scaling.num_workers": 1, "run.checkpoint_every": 10_000},
+    )  # fmt: skip
+    space = load_space(str(CONFIG_DIR / "tune_tiny.yaml"))
+    plan = plan_search(base, space, storage_uri=runs, name=f"tune-{args.task}", num_samples=args.trials,
+                       max_concurrent=at_once, scheduler="asha")  # fmt: skip
+    run_search(plan, space)
+    best_model = best_trial_model(plan)
+    seconds["search"] = time.perf_counter() - t
+    print(f"  ({seconds['search']:.0f}s)")
+
+    t = _stage(f"mplug evaluate: the best trial on the held-out {args.task} test split")
+    results["task"] = evaluate_task(
+        args.task, best_model, [task_data["test"]], storage.join(out, "eval", args.task)
+    )
+    print(format_result(results["task"]))
+    seconds["evaluation"] = time.perf_counter() - t
+    results["task_raw"], results["runs"] = task_raw, runs
+    return 0
+
+
+def summary(args: argparse.Namespace, out: str, results: dict, minutes: float) -> str:
+    """The closing screen: each stage's figure beside its baseline, where the time went, the artefacts."""
+    from pipelines import storage
+
     r, m = results["retrieval"], results["task"]
-    print(f"  pretraining  zero-shot retrieval R@5 i2t {r['i2t_r5']:.1f} / t2i {r['t2i_r5']:.1f}   "
-          f"(chance {r['chance_i2t_r5']:.1f} / {r['chance_t2i_r5']:.1f})")  # fmt: skip
+    runs, task_raw = results["runs"], results["task_raw"]
     primary = m["primary_metric"]
     beside = m["baseline"].get(primary)
-    print(f"  {args.task:<12} {primary} {m['metrics'][primary]:.2f} on the test split"
-          + (f"   (baseline {beside:.2f})" if isinstance(beside, int | float) else ""))  # fmt: skip
-    print("  artefacts:")
+    lines = [
+        f"\n== demo finished in {minutes:.1f} min",
+        f"  pretraining  zero-shot retrieval R@5 i2t {r['i2t_r5']:.1f} / t2i {r['t2i_r5']:.1f}   "
+        f"(chance {r['chance_i2t_r5']:.1f} / {r['chance_t2i_r5']:.1f})",
+        f"  {args.task:<12} {primary} {m['metrics'][primary]:.2f} on the test split"
+        + (f"   (baseline {beside:.2f})" if isinstance(beside, int | float) else ""),
+        "  time         " + ", ".join(f"{stage} {s:.0f}s" for stage, s in results["seconds"].items()),
+        "  artefacts:",
+    ]
     for label, where in (
         ("raw corpora", f"{storage.join(out, 'raw')}, {task_raw}"),
         ("processed shards", storage.join(out, "processed")),
@@ -190,5 +255,5 @@ def run(args: argparse.Namespace) -> int:
         ),
         ("evaluation", storage.join(out, "eval", args.task) + " (metrics.json, predictions.parquet)"),
     ):
-        print(f"    {label:<20} {where}")
-    return 0
+        lines.append(f"    {label:<20} {where}")
+    return "\n".join(lines)
