@@ -1,8 +1,10 @@
 """The README and docs/ cannot drift from the code: every `mplug` command in their shell blocks is
-parsed by the real CLI parser (`jobs.cli.build_parser`), with the configs, `--set` keys and the
-command after `mplug submit --` checked too; every `mplug …` in running text names a subcommand
-and flags that exist; every `make` line names a Makefile target; Python blocks compile, search
-spaces load; the README keeps its two set-up commands and its preset table matches the code."""
+parsed by the real CLI parser (`jobs.cli.build_parser`), its shipped configs, `--set` keys and the
+command after `mplug submit --` checked too, and a train/tune/ingest command's config goes through
+the CLI's own merge and placeholder check; every `mplug …` in running text names a subcommand and
+flags that exist; every `make` line names a Makefile target; Python blocks compile, search spaces
+load, relative links resolve; the README keeps its two set-up commands and its preset table is
+what the code computes. The checker is tested on documents that name what does not exist."""
 
 from __future__ import annotations
 
