@@ -207,7 +207,11 @@ def command_problems(words: list[str]) -> list[str]:
         return [error]
     if not words or words[0].startswith("-"):
         return []
-    problems = config_problems(words) + set_problems(words)
+    # argparse accepts a flag's abbreviation (`--num-sample`): the docs name flags in full. (The
+    # command after `submit --` is checked by the recursion below.)
+    outer = words[: words.index("--")] if "--" in words else words
+    problems = inline_problems(shlex.join(["mplug", *outer]))
+    problems += config_problems(words) + set_problems(words)
     if not problems:
         problems = job_problems(words)
     if words[0] == "submit":
@@ -242,13 +246,12 @@ def inline_problems(span: str) -> list[str]:
             return [f"mplug {words[0]} has no action {missing} (valid: {sorted(actions)})"]
         if rest[0] in actions:
             sub, rest = actions[rest[0]], rest[1:]
+    inner: list[str] = []
     if "--" in rest:
-        inner = rest[rest.index("--") + 1 :]
-        rest = rest[: rest.index("--")]
-        if inner:
-            return inline_problems(" ".join(["mplug", *map(shlex.quote, inner)]))
+        rest, inner = rest[: rest.index("--")], rest[rest.index("--") + 1 :]
     flags = [w.split("=")[0] for w in rest if w.startswith("--")]
-    return [f"mplug {words[0]} has no option {f}" for f in flags if f not in sub._option_string_actions]
+    problems = [f"mplug {words[0]} has no option {f}" for f in flags if f not in sub._option_string_actions]
+    return problems + (inline_problems(shlex.join(["mplug", *inner])) if inner else [])
 
 
 def makefile_targets() -> set[str]:
@@ -454,6 +457,7 @@ def _doc(*lines: str) -> str:
         (["mplug submit --wait pretrain --config pretrain_tiny"], "without `--`"),
         (["AWS_PROFILE=x .venv/bin/mplug jobs logz pt-tiny"], "invalid choice: 'logz'"),
         (["python -m jobs.cli env --adress x"], "--adress"),
+        (["mplug tune --task vqa --space tune_vqa --num-sample 4"], "mplug tune has no option --num-sample"),
         (["make demo-fast"], "no Makefile target 'demo-fast'"),
     ],
 )
@@ -470,6 +474,7 @@ def test_a_doc_naming_what_does_not_exist_fails(lines: list[str], expected: str)
         ("mplug evaluat", "no subcommand 'evaluat'"),
         ("mplug jobs status|lst", "has no action ['lst']"),
         ("mplug submit --wait -- ingest --formatt json", "mplug ingest has no option --formatt"),
+        ("mplug submit --wiat -- env", "mplug submit has no option --wiat"),
     ],
 )
 def test_prose_naming_what_does_not_exist_fails(span: str, expected: str) -> None:
