@@ -32,8 +32,9 @@ from mplug.objectives import (
     NO_NEGATIVE,
     TEMP_MAX,
     TEMP_MIN,
-    gather_features,
+    FeatureGather,
     itc_loss,
+    local_features,
     mask_tokens,
     sample_hard_negatives,
     split_prefix,
@@ -204,6 +205,9 @@ class MPlugContrastiveModel(MPlugPreTrainedModel):
 
     def _build_contrastive(self, itc: bool, itm: bool, id_queue: bool = False) -> None:
         config, width = self.config, self.config.text_config.hidden_size
+        # How ITC's momentum keys are gathered over data-parallel ranks: one process by default;
+        # the training side sets its gather (`set_feature_gather`) when it parallelises the model.
+        self.feature_gather: FeatureGather = local_features
         self._build_vision()
         self._build_text()
         self._build_fusion()
@@ -289,6 +293,11 @@ class MPlugContrastiveModel(MPlugPreTrainedModel):
             self.idx_queue[idx] = keys.image_ids[-q:].to(self.idx_queue.device)
         self.queue_ptr[0] = (ptr + n) % q
 
+    def set_feature_gather(self, gather: FeatureGather) -> None:
+        """How `gather_keys` collects every rank's momentum keys (ITC contrasts against the whole
+        global batch): a function (B, E) -> (concatenated over ranks, offset of this rank's rows)."""
+        self.feature_gather = gather
+
     def gather_keys(
         self, micro_batches: list[dict[str, torch.Tensor]], image_ids: list[torch.Tensor] | None = None
     ) -> tuple[ContrastiveKeys, list[int]]:
@@ -298,9 +307,10 @@ class MPlugContrastiveModel(MPlugPreTrainedModel):
         parts = [
             self.momentum_features(b["images"], b["input_ids"], b["attention_mask"]) for b in micro_batches
         ]
-        image_all, rank_offset = gather_features(torch.cat([p[0] for p in parts]))
-        text_all, _ = gather_features(torch.cat([p[1] for p in parts]))
-        ids_all = gather_features(torch.cat(image_ids))[0] if image_ids is not None else None
+        gather = self.feature_gather
+        image_all, rank_offset = gather(torch.cat([p[0] for p in parts]))
+        text_all, _ = gather(torch.cat([p[1] for p in parts]))
+        ids_all = gather(torch.cat(image_ids))[0] if image_ids is not None else None
         offsets, start = [], rank_offset
         for p in parts:
             offsets.append(start)

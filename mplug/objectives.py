@@ -1,28 +1,29 @@
-"""Pretraining objectives as pure functions: ITC (with queue, distillation and the one
-cross-rank gather), ITM hard-negative sampling, MLM masking, PrefixLM splitting.
+"""Pretraining objectives as pure functions: ITC (with queue and distillation), ITM
+hard-negative sampling, MLM masking, PrefixLM splitting.
 
 Random choices use the torch RNG, so every epoch masks and splits differently.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 TEMP_MIN, TEMP_MAX = 0.001, 0.5
 
 
 # ---- ITC ---------------------------------------------------------------------------------
-def gather_features(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All-gather a no-grad feature batch across data-parallel ranks -> (concatenated, offset of
-    this rank's rows). Identity when torch.distributed is not initialised. Ranks must hold equal
-    batch sizes (as DistributedSampler / Ray's even split give)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0), dist.get_rank() * x.shape[0]
+# Gathers a no-grad feature batch over the data-parallel ranks -> (all ranks' rows concatenated,
+# offset of this rank's first row). The training side passes one in (`pipelines/distributed.py`);
+# the library itself stays free of torch.distributed.
+FeatureGather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def local_features(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The `FeatureGather` of one process: its own rows, at offset 0."""
+    return x, 0
 
 
 def itc_loss(

@@ -49,10 +49,15 @@ def parallelize(
     device: torch.device,
     find_unused_parameters: bool = False,
 ) -> nn.Module:
-    """Wrap `model` for the current process group; a single process gets the bare model."""
+    """Wrap `model` for the current process group; a single process gets the bare model. A model
+    with ITC (`set_feature_gather`) gathers its momentum keys over the group."""
     model = model.to(device)
     if _world_size() == 1:
         return model
+    if hasattr(model, "set_feature_gather"):
+        from pipelines.distributed import gather_features
+
+        model.set_feature_gather(gather_features)
     if strategy == "ddp":
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(

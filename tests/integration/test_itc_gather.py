@@ -36,7 +36,10 @@ def _step(model: MPlugForPretraining, batch: dict) -> dict[str, torch.Tensor]:
 
 
 def _half_batch_step(rank: int) -> dict[str, torch.Tensor]:
+    from pipelines.distributed import gather_features
+
     model = _model()
+    model.set_feature_gather(gather_features)  # as `parallelize` sets it
     full = model.example_inputs(BATCH, seed=11)
     half = BATCH // WORLD
     return _step(model, {k: v[rank * half : (rank + 1) * half] for k, v in full.items()})
