@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from mplug.config import MPlugConfig
 from mplug.generation import generate as _generate
+from mplug.generation import sequence_log_probs
 from mplug.modeling import MPlugPreTrainedModel, ones_mask
 
 
@@ -25,20 +26,6 @@ class MPlugCaptionOutput:
     """loss: () mean cross-entropy over target tokens (CE stage) or the SCST loss."""
 
     loss: torch.Tensor
-
-
-def token_log_probs(
-    decoder,
-    target_ids: torch.Tensor,
-    target_mask: torch.Tensor,
-    memory: torch.Tensor,
-    memory_mask: torch.Tensor,
-) -> torch.Tensor:
-    """(N, L-1) log-probability of each target token after [CLS] (0 at padding)."""
-    hidden, _ = decoder(target_ids, target_mask, memory, memory_mask)
-    logp = decoder.logits(hidden[:, :-1]).float().log_softmax(-1)  # (N, L-1, V)
-    picked = logp.gather(2, target_ids[:, 1:, None]).squeeze(2)  # (N, L-1)
-    return picked * target_mask[:, 1:]
 
 
 class MPlugForCaptioning(MPlugPreTrainedModel):
@@ -86,10 +73,10 @@ class MPlugForCaptioning(MPlugPreTrainedModel):
             raise ValueError(f"{sequences.shape[0]} sampled captions but rewards {tuple(rewards.shape)}")
         memory, memory_mask = self.visual_memory(images)
         # The decoder reads each image's memory for its n consecutive captions: no copies.
-        logp = token_log_probs(self.text_decoder, sequences, sequence_mask, memory, memory_mask)
+        logp = sequence_log_probs(self.text_decoder, memory, memory_mask, sequences, sequence_mask)  # (B*n,)
         length = sequence_mask[:, 1:].sum(1).clamp(min=1)  # generated tokens, [SEP] included
         advantage = (rewards - rewards.mean(1, keepdim=True)).flatten().to(logp.dtype)
-        return MPlugCaptionOutput(-((logp.sum(1) / length) * advantage).mean())
+        return MPlugCaptionOutput(-((logp / length) * advantage).mean())
 
     @torch.no_grad()
     def generate(

@@ -17,26 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from mplug.config import MPlugConfig
 from mplug.generation import generate as _generate
+from mplug.generation import sequence_log_probs
 from mplug.modeling import MPlugPreTrainedModel
-
-
-def sequence_nll(
-    decoder,
-    target_ids: torch.Tensor,
-    target_mask: torch.Tensor,
-    memory: torch.Tensor,
-    memory_mask: torch.Tensor,
-) -> torch.Tensor:
-    """(N,) summed token cross-entropy of each `[CLS] tokens [SEP] [PAD]*` target (teacher
-    forcing; the [CLS] is the start token and is not predicted)."""
-    hidden, _ = decoder(target_ids, target_mask, memory, memory_mask)  # (N, L, D)
-    logits = decoder.logits(hidden[:, :-1]).float()  # (N, L-1, V): token t+1 from positions <= t
-    nll = F.cross_entropy(logits.transpose(1, 2), target_ids[:, 1:], reduction="none")  # (N, L-1)
-    return (nll * target_mask[:, 1:]).sum(1)
 
 
 @dataclass
@@ -79,9 +64,9 @@ class MPlugForQuestionAnswering(MPlugPreTrainedModel):
         weight, 0 for padding slots."""
         memory, memory_mask = self.question_memory(images, question_ids, question_mask)
         question, slot = (answer_weights > 0).nonzero(as_tuple=True)  # (N,), (N,): the real answers
-        nll = sequence_nll(
-            self.text_decoder, answer_ids[question, slot], answer_mask[question, slot],
-            memory[question], memory_mask[question],
+        nll = -sequence_log_probs(
+            self.text_decoder, memory[question], memory_mask[question],
+            answer_ids[question, slot], answer_mask[question, slot],
         )  # fmt: skip
         loss = (answer_weights[question, slot].float() * nll).sum() / images.shape[0]
         return MPlugVQAOutput(loss, nll.detach())
@@ -128,7 +113,7 @@ class MPlugForQuestionAnswering(MPlugPreTrainedModel):
         top_logp, top = first_logp.topk(k, dim=1)  # (B, k)
         ids, mask = candidate_ids[top.flatten()], candidate_mask[top.flatten()]  # (B*k, La), question-major
         # The decoder reads each question's memory for its k consecutive candidates: no copies.
-        rest = sequence_nll(self.text_decoder, ids, mask, memory, memory_mask)
+        rest = -sequence_log_probs(self.text_decoder, memory, memory_mask, ids, mask)
         # The full sequence's NLL includes the first token; the official code adds the first
         # token's log-probability again (chain rule over its own top-k step): keep that scoring.
         scores = (top_logp.flatten() - rest).view(b, k)

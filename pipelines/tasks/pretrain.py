@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mplug.objectives import distill_alpha
 from pipelines.data.transforms import ImageTextTransform, Transform
 from pipelines.tasks.base import StepContext, Task
 from pipelines.train.parallel import unsharded
@@ -82,8 +83,7 @@ class PretrainTask(Task):
 
     def loss(self, model: nn.Module, batch: dict, index: int, prepared: Any, ctx: StepContext):
         cfg = self.model_config
-        # Distillation weight ramps from 0 over the first epoch, as the official recipe.
-        alpha = cfg.distill_alpha * min(1.0, ctx.step / max(1, ctx.steps_per_epoch))
+        alpha = distill_alpha(cfg.distill_alpha, ctx.epoch, ctx.step, ctx.steps_per_epoch)
         keys, offsets = prepared if prepared is not None else (None, [0])
         out = model(**inputs(batch), alpha=alpha, keys=keys, key_offset=offsets[index],
                     itm_hard_negatives=ctx.step >= cfg.itm_random_negative_steps)  # fmt: skip

@@ -9,10 +9,30 @@ import numpy as np
 import torch
 from torch import nn
 
+from mplug.objectives import distill_alpha
 from pipelines.data.transforms import RetrievalTransform, Transform
 from pipelines.tasks.base import EvalSetup, SecondPass, StepContext
 from pipelines.tasks.pretrain import PretrainTask, inputs
 from pipelines.train.parallel import unsharded
+
+# Candidate texts whose encodings a rank holds at once while re-scoring (1024 × 40 tokens × 768
+# floats: 126 MB at base size).
+TEXTS_PER_GROUP = 1024
+
+
+def _groups_of_images(candidates: list[np.ndarray], budget: int) -> list[list[int]]:
+    """Consecutive images grouped so that each group's candidate texts number at most `budget`
+    (an image with more forms a group alone)."""
+    groups: list[list[int]] = []
+    seen: set[int] = set()
+    for i, texts in enumerate(candidates):
+        mine = set(texts.tolist())
+        if not groups or len(seen | mine) > budget:
+            groups.append([])
+            seen = set()
+        groups[-1].append(i)
+        seen |= mine
+    return groups
 
 
 class RetrievalTask(PretrainTask):
@@ -64,7 +84,7 @@ class RetrievalTask(PretrainTask):
             )
 
     def loss(self, model: nn.Module, batch: dict, index: int, prepared: Any, ctx: StepContext):
-        alpha = self.model_config.distill_alpha * min(1.0, ctx.step / max(1, ctx.steps_per_epoch))
+        alpha = distill_alpha(self.model_config.distill_alpha, ctx.epoch, ctx.step, ctx.steps_per_epoch)
         keys, offsets = prepared
         out = model(
             **inputs(batch),
@@ -104,19 +124,28 @@ class RetrievalTask(PretrainTask):
 
     @torch.no_grad()
     def predict_again(self, model: nn.Module, batch: dict, payload: dict, chunk: int = 64) -> list[dict]:
-        """ITM logits of each image with its candidate texts (its visual tokens computed once)."""
-        out = []
+        """ITM logits of each image with its candidate texts: its visual tokens computed once,
+        each candidate text encoded once for a group of images that share up to
+        `TEXTS_PER_GROUP` candidates (their encodings are what a rank holds at a time)."""
         device = batch["image"].device
         visual = model.encode_image(batch["image"])
-        for v, image_id in zip(visual, batch["image_id"]):
-            texts = payload["texts_by_image"].get(str(image_id), np.zeros(0, dtype=np.int64))
-            for s in range(0, len(texts), chunk):
-                index = torch.from_numpy(np.asarray(texts[s : s + chunk], dtype=np.int64))
-                ids = torch.from_numpy(payload["text_ids"][index.numpy()]).long().to(device)
-                mask = torch.from_numpy(payload["text_mask"][index.numpy()]).long().to(device)
-                logits = model.itm_logits(v.expand(len(index), -1, -1), model.encode_text(ids, mask), mask)
-                out.extend({"image_id": str(image_id), "text": int(t), "score": float(x)}
-                           for t, x in zip(index.tolist(), logits[:, 1].float().cpu().tolist()))  # fmt: skip
+        empty = np.zeros(0, dtype=np.int64)
+        candidates = [payload["texts_by_image"].get(str(i), empty) for i in batch["image_id"]]
+        out = []
+        for group in _groups_of_images(candidates, TEXTS_PER_GROUP):
+            texts = np.unique(np.concatenate([candidates[i] for i in group]))
+            ids = torch.from_numpy(payload["text_ids"][texts]).long().to(device)
+            mask = torch.from_numpy(payload["text_mask"][texts]).long().to(device)
+            encoded = torch.cat(
+                [model.encode_text(ids[s : s + 256], mask[s : s + 256]) for s in range(0, len(texts), 256)]
+            )
+            for i in group:
+                where = np.searchsorted(texts, candidates[i])  # rows of `encoded`
+                for s in range(0, len(where), chunk):
+                    rows = torch.from_numpy(where[s : s + chunk]).to(device)
+                    logits = model.itm_logits(visual[i].expand(len(rows), -1, -1), encoded[rows], mask[rows])
+                    out.extend({"image_id": str(batch["image_id"][i]), "text": int(t), "score": float(x)}
+                               for t, x in zip(candidates[i][s : s + chunk], logits[:, 1].float().cpu().tolist()))  # fmt: skip
         return out
 
     def score(

@@ -85,7 +85,7 @@ def test_a_prompted_caption_is_rewarded_without_its_prompt(tmp_path) -> None:
 
 
 def test_an_scst_step_makes_the_better_rewarded_caption_of_an_image_more_likely(tmp_path) -> None:
-    from mplug.caption import token_log_probs
+    from mplug.generation import sequence_log_probs
 
     task = _scst_task(tmp_path)
     torch.manual_seed(0)
@@ -100,8 +100,8 @@ def test_an_scst_step_makes_the_better_rewarded_caption_of_an_image_more_likely(
     def mean_log_prob() -> torch.Tensor:
         with torch.no_grad():
             memory, memory_mask = model.visual_memory(images)
-            logp = token_log_probs(model.text_decoder, ids, mask, memory, memory_mask)
-            return logp.sum(1) / mask[:, 1:].sum(1)
+            logp = sequence_log_probs(model.text_decoder, memory, memory_mask, ids, mask)
+            return logp / mask[:, 1:].sum(1)
 
     before = mean_log_prob()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from mplug import MPlugConfig
 from mplug.caption import MPlugForCaptioning
 from mplug.classification import MPlugForImageTextClassification
+from mplug.generation import sequence_log_probs
 from mplug.grounding import FIRST_BIN_TOKEN_ID, START_TOKEN_ID, MPlugForGrounding, ordinal_bin_code
 from mplug.metrics import box_cxcywh_to_xyxy, generalized_box_iou
 from mplug.retrieval import MPlugForRetrieval
-from mplug.vqa import MPlugForQuestionAnswering, sequence_nll
+from mplug.vqa import MPlugForQuestionAnswering
 
 pytestmark = pytest.mark.unit
 
@@ -46,8 +47,8 @@ def test_vqa_loss_weights_answers_and_ignores_empty_slots() -> None:
     assert out.answer_nll.shape == (3,)  # only the three weighted answers are decoded
     # By hand: the weighted sum of each answer's summed token NLL, over the 2 questions.
     memory, mask = model.question_memory(x["images"], x["input_ids"], x["attention_mask"])
-    nll = sequence_nll(model.text_decoder, a_ids[[0, 0, 1], [0, 1, 0]], a_mask[[0, 0, 1], [0, 1, 0]],
-                       memory[[0, 0, 1]], mask[[0, 0, 1]])  # fmt: skip
+    nll = -sequence_log_probs(model.text_decoder, memory[[0, 0, 1]], mask[[0, 0, 1]],
+                              a_ids[[0, 0, 1], [0, 1, 0]], a_mask[[0, 0, 1], [0, 1, 0]])  # fmt: skip
     torch.testing.assert_close(out.loss, (0.6 * nll[0] + 0.4 * nll[1] + 1.0 * nll[2]) / 2)
     generated = model.generate(x["images"], x["input_ids"], x["attention_mask"], num_beams=2, max_length=5)
     assert generated.shape[0] == 2 and generated.shape[1] <= 5
@@ -61,7 +62,9 @@ def test_vqa_answer_ranking_prefers_the_likeliest_answer() -> None:
     top, probs = model.rank_answers(x["images"], x["input_ids"], x["attention_mask"], candidates, mask, k=6)
     assert sorted(top[0].tolist()) == list(range(6)) and torch.all(probs[0, :-1] >= probs[0, 1:])
     memory, mmask = model.question_memory(x["images"], x["input_ids"], x["attention_mask"])
-    nll = sequence_nll(model.text_decoder, candidates, mask, memory.expand(6, -1, -1), mmask.expand(6, -1))
+    nll = -sequence_log_probs(
+        model.text_decoder, memory.expand(6, -1, -1), mmask.expand(6, -1), candidates, mask
+    )
     # The official score adds the first token's log-prob again; the best answer under it:
     start = torch.full((1, 1), model.config.cls_token_id)
     first = model.text_decoder.logits(
@@ -83,19 +86,13 @@ def test_caption_scst_pushes_up_captions_above_the_mean_reward() -> None:
         for p in model.parameters():
             if p.grad is not None:
                 p -= 1.0 * p.grad  # one SGD step on the SCST loss
-    from mplug.caption import token_log_probs
-
     memory, mmask = model.visual_memory(images)
-    after = token_log_probs(
-        model.text_decoder, seqs, mask, memory.expand(2, -1, -1), mmask.expand(2, -1)
-    ).sum(1)
+    after = sequence_log_probs(model.text_decoder, memory.expand(2, -1, -1), mmask.expand(2, -1), seqs, mask)
     model.zero_grad()
     torch.manual_seed(0)
     fresh = MPlugForCaptioning(_cfg())
     memory, mmask = fresh.visual_memory(images)
-    before = token_log_probs(
-        fresh.text_decoder, seqs, mask, memory.expand(2, -1, -1), mmask.expand(2, -1)
-    ).sum(1)
+    before = sequence_log_probs(fresh.text_decoder, memory.expand(2, -1, -1), mmask.expand(2, -1), seqs, mask)
     assert after[0] > before[0] and after[1] < before[1]
     assert float(model(images, seqs, mask, rewards=torch.tensor([[0.5, 0.5]])).loss) == 0.0  # no advantage
 
