@@ -2,8 +2,8 @@
 Ray Data (the model held in actors, one GPU each when the cluster has GPUs).
 
 Writes OUTPUT/metrics.json (the task's metrics and its baseline), OUTPUT/predictions.parquet and,
-for VQA and captioning, the official submission JSON (`[{question_id, answer}]`,
-`[{image_id, caption}]`) as OUTPUT/submission.json.
+where the task has one (`Task.submission`: VQA's `[{question_id, answer}]`, COCO captions'
+`[{image_id, caption}]`), the official submission JSON as OUTPUT/submission.json.
 """
 
 from __future__ import annotations
@@ -168,11 +168,11 @@ def evaluate_task(
         "rows": len(rows),
         "elapsed_s": round(time.perf_counter() - started, 1),
     }
-    _write_outputs(output_uri, task_name, rows, result)
+    _write_outputs(output_uri, task, rows, result)
     return result
 
 
-def _write_outputs(output_uri: str, task_name: str, rows: list[dict], result: dict) -> None:
+def _write_outputs(output_uri: str, task, rows: list[dict], result: dict) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -181,18 +181,9 @@ def _write_outputs(output_uri: str, task_name: str, rows: list[dict], result: di
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(plain), sink)
     storage.write_bytes(storage.join(output_uri, "predictions.parquet"), sink.getvalue().to_pybytes())
-    submission = None
-    if task_name == "vqa":
-        submission = [{"question_id": _official_id(r["question_id"]), "answer": r["answer"]} for r in rows]
-    elif task_name == "caption":
-        submission = [{"image_id": _official_id(r["image_id"]), "caption": r["caption"]} for r in rows]
+    submission = task.submission(rows)
     if submission is not None:
         storage.write_text(storage.join(output_uri, "submission.json"), json.dumps(submission))
-
-
-def _official_id(value: str) -> int | str:
-    """The official evaluation servers expect integer ids (VQA question_id, COCO image_id)."""
-    return int(value) if str(value).isdigit() else value
 
 
 def format_result(result: dict) -> str:

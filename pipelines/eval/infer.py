@@ -8,7 +8,7 @@ their units themselves, so only unit descriptors and counts pass through the dri
 
 Every image goes through ingest's guards (`pipelines/data/image.process_image`): one that cannot
 be used is counted and written to OUTPUT/rejects/ with its reason, never fatal. OUTPUT gets
-`predictions/*.parquet` (`key`, `prediction`, and `question` for VQA) and `stats.json` with
+`predictions/*.parquet` (`Task.inference_rows`: `key`, `prediction`, and `question` where the task answers one) and `stats.json` with
 read == predicted + rejected.
 """
 
@@ -124,7 +124,7 @@ class InferWorker:
             except ImageRejected as err:
                 rejects.append({"key": rec["key"], "reason": err.reason, "detail": err.detail})
                 continue
-            if self.task.name == "vqa":
+            if "question" in self.task.columns:  # the task answers a question about the image
                 rec["question"] = self.question or rec["question"]
                 if not rec["question"]:
                     rejects.append(
@@ -157,11 +157,7 @@ class InferWorker:
                  "question": objects([r["question"] for r in rows])}  # fmt: skip
         with torch.no_grad():
             out = self.task.predict(self.model, to_device(collate_rows(self.transform(batch)), self.device))
-        if self.task.name == "vqa":
-            return [
-                {"key": o["question_id"], "question": o["question"], "prediction": o["answer"]} for o in out
-            ]
-        return [{"key": o["image_id"], "prediction": o["caption"]} for o in out]
+        return self.task.inference_rows(out)
 
 
 def _write(uri: str, table: pa.Table) -> None:
@@ -188,9 +184,11 @@ def run_infer(
 
     from pipelines.cluster import init_ray
     from pipelines.eval.evaluate import build_eval_task, eval_resources
+    from pipelines.tasks import TASKS, task_class
 
-    if task_name not in ("caption", "vqa"):
-        raise ValueError(f"--task {task_name!r}: batch inference covers caption and vqa")
+    served = [name for name in TASKS if task_class(name).batch_inference]
+    if task_name not in served:
+        raise ValueError(f"--task {task_name!r}: batch inference serves {served}")
     build_eval_task(task_name, model_uri, overrides)  # the model folder and options are valid
     started = time.perf_counter()
     init_ray(address)

@@ -71,6 +71,8 @@ class Task:
     mode: ClassVar[Literal["max", "min"]] = "max"
     # A finetuning task starts from trained weights (`--init` / `model.init`).
     requires_init: ClassVar[bool] = True
+    # `mplug infer` serves it: unlabelled images in, `inference_rows` out.
+    batch_inference: ClassVar[bool] = False
     columns: ClassVar[tuple[str, ...]] = ("key", "image", "caption")
 
     def __init__(self, job: TrainConfig, model_config: MPlugConfig) -> None:
@@ -153,6 +155,16 @@ class Task:
         """Metrics of all predictions (gathered from every worker), and of the second pass's
         results when there was one; `primary_metric` among them."""
         raise NotImplementedError
+
+    def submission(self, predictions: list[dict]) -> list[dict] | None:
+        """The predictions as the task's official evaluation server takes them (written as
+        OUTPUT/submission.json by `mplug evaluate`); None when it has no such format."""
+        return None
+
+    def inference_rows(self, predictions: list[dict]) -> list[dict]:
+        """`predict`'s rows as `mplug infer` writes them: `key`, `prediction`, and what the
+        prediction answers (the question), for tasks with `batch_inference`."""
+        raise NotImplementedError(f"task {self.name!r} has no batch inference")
 
     def baseline(self, predictions: list[dict], setup: EvalSetup | None = None) -> dict[str, float]:
         """What a trivial predictor scores on the same rows (printed beside the metrics)."""

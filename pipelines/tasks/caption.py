@@ -12,7 +12,7 @@ from torch import nn
 
 from pipelines.data.transforms import CaptionTransform, Transform, swap_left_right
 from pipelines.tasks.base import EvalSetup, StepContext, Task
-from pipelines.tasks.vqa import decode
+from pipelines.tasks.vqa import decode, official_id
 from pipelines.train.parallel import gathered
 
 
@@ -70,6 +70,7 @@ class CaptionTask(Task):
     primary_metric = "CIDEr"
     mode = "max"
     columns = ("key", "image", "caption", "image_id")
+    batch_inference = True
 
     def transform(self, train: bool) -> Transform:
         cfg, job, opts = self.model_config, self.job, self.job.caption
@@ -181,6 +182,13 @@ class CaptionTask(Task):
                                    min_length=opts.min_length)  # fmt: skip
         captions = strip_prompt(decode(self._tokenizer(), generated), opts.prompt)
         return [{"image_id": str(i), "caption": c} for i, c in zip(batch["image_id"], captions)]
+
+    def submission(self, predictions: list[dict]) -> list[dict]:
+        """COCO's caption evaluation server: `[{image_id, caption}]`, integer ids."""
+        return [{"image_id": official_id(p["image_id"]), "caption": p["caption"]} for p in predictions]
+
+    def inference_rows(self, predictions: list[dict]) -> list[dict]:
+        return [{"key": p["image_id"], "prediction": p["caption"]} for p in predictions]
 
     def score(
         self, predictions: list[dict], setup: EvalSetup | None = None, rescored=None

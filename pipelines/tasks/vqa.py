@@ -20,6 +20,11 @@ def decode(tokenizer, ids: torch.Tensor) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(ids.tolist(), skip_special_tokens=True)]
 
 
+def official_id(value: str) -> int | str:
+    """The official evaluation servers expect integer ids (VQA question_id, COCO image_id)."""
+    return int(value) if str(value).isdigit() else value
+
+
 def question_type(question: str, words: int = 2) -> str:
     """The question's first words ("what color", "how many", "is there"): VQA's question
     types are prefixes like these."""
@@ -31,6 +36,7 @@ class VQATask(Task):
     primary_metric = "vqa_accuracy"
     mode = "max"
     columns = ("key", "image", "question", "answers", "answer_weights", "raw_answers", "dataset", "image_id")
+    batch_inference = True
 
     def transform(self, train: bool) -> Transform:
         cfg, job, opts = self.model_config, self.job, self.job.vqa
@@ -125,6 +131,16 @@ class VQATask(Task):
         return [
             {"question_id": str(k), "question": q, "answer": a, "answers": list(refs)}
             for k, q, a, refs in zip(batch["key"], batch["question"], predicted, batch["raw_answers"])
+        ]
+
+    def submission(self, predictions: list[dict]) -> list[dict]:
+        """VQA's evaluation server: `[{question_id, answer}]`, integer ids."""
+        return [{"question_id": official_id(p["question_id"]), "answer": p["answer"]} for p in predictions]
+
+    def inference_rows(self, predictions: list[dict]) -> list[dict]:
+        return [
+            {"key": p["question_id"], "question": p["question"], "prediction": p["answer"]}
+            for p in predictions
         ]
 
     def score(self, predictions: list[dict], setup=None, rescored=None) -> dict[str, float]:
