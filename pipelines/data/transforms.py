@@ -172,65 +172,6 @@ class TextTokenizer:
         return tokens["input_ids"].astype(np.int64), tokens["attention_mask"].astype(np.int64)
 
 
-def _column(batch: dict[str, np.ndarray], name: str, n: int) -> list:
-    return list(batch[name]) if name in batch else [None] * n
-
-
-def row_seeds(batch: dict[str, np.ndarray], n: int) -> list[int | None]:
-    """Each row's augmentation seed (`_seed`, set by the training order's reader), else None."""
-    return [None if v is None else int(v) for v in _column(batch, "_seed", n)]
-
-
-def image_ids(batch: dict[str, np.ndarray], n: int) -> np.ndarray:
-    """Each row's image id (rows of one image share it: COCO's five captions), else its key."""
-    ids = _column(batch, "image_id", n)
-    return np.asarray([str(i) if i is not None else str(k) for i, k in zip(ids, batch["key"])], dtype=object)
-
-
-class ImageTextTransform:
-    """Pretraining rows: `image` float32 (B, 3, S, S), `input_ids` / `attention_mask` int64
-    (B, max_text_len) of the caption (or the question where a row has no caption), and with
-    `include_key` the ids `key` and `image_id` (str; the key where the row has no image id)."""
-
-    def __init__(
-        self,
-        image_size: int,
-        max_text_len: int,
-        train: bool = True,
-        seed: int = 0,
-        tokenizer_path: str | None = None,
-        swap_left_right_on_flip: bool = True,
-        include_key: bool = True,
-        crop_min_scale: float = 0.2,
-    ) -> None:
-        if image_size <= 0 or max_text_len <= 0:
-            raise ValueError(f"image_size={image_size} and max_text_len={max_text_len} must be positive")
-        self.image_size, self.max_text_len, self.train = image_size, max_text_len, train
-        self.swap_left_right_on_flip = swap_left_right_on_flip
-        self.include_key = include_key
-        self.tokenize = TextTokenizer(max_text_len, tokenizer_path)
-        self.augment = ImageAugment(image_size, train, crop_min_scale, "center_crop",
-                                    process_rng(seed) if train else None)  # fmt: skip
-        self.tokenizer = self.tokenize.tokenizer
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        images, texts = [], []
-        for data, caption, question, seed in zip(batch["image"], _column(batch, "caption", n),
-                                                 _column(batch, "question", n), row_seeds(batch, n)):  # fmt: skip
-            self.augment.reseed(seed)
-            tensor, flipped = self.augment(decode_rgb(data))
-            text = caption or question or ""
-            images.append(tensor)
-            texts.append(swap_left_right(text) if flipped and self.swap_left_right_on_flip else text)
-        ids, mask = self.tokenize(texts)
-        out = {"image": torch.stack(images).numpy(), "input_ids": ids, "attention_mask": mask}
-        if self.include_key:
-            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
-            out["image_id"] = image_ids(batch, n)
-        return out
-
-
 def objects(values: list) -> np.ndarray:
     """A 1-D object array holding one Python value (e.g. a list of references) per row."""
     out = np.empty(len(values), dtype=object)
@@ -251,14 +192,129 @@ def _text_list(value) -> list[str]:
     return [str(v) for v in list(value)]
 
 
-class VQATransform:
+def _image_id(row: dict) -> str:
+    """The row's image id (rows of one image share it: COCO's five captions), else its key."""
+    image_id = row.get("image_id")
+    return str(image_id) if image_id is not None else str(row["key"])
+
+
+def _strings(values: list) -> np.ndarray:
+    return np.asarray([str(v) for v in values], dtype=object)
+
+
+class RowTransform:
+    """What every task's row transform shares: one pass over the batch's rows, each drawing its
+    random augmentation from its own seed (`_seed`, set by the training order: the same draws in
+    every run and process), then the texts tokenised together. A task's transform says only what
+    differs: `row` turns one row into its outputs, `stack` makes the batch of them."""
+
+    def __init__(self, text_len: int, train: bool, tokenizer_path: str | None = None) -> None:
+        self.train = train
+        self.tokenize = TextTokenizer(text_len, tokenizer_path)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["key"])
+        rows = [{name: batch[name][i] for name in batch} for i in range(n)]
+        outs = []
+        for row in rows:
+            seed = row.get("_seed")
+            if self.train and seed is not None:
+                self.reseed(int(seed))
+            outs.append(self.row(row))
+        return self.stack(rows, outs)
+
+    def reseed(self, seed: int) -> None:
+        """Draw the next row's augmentation from `seed`."""
+
+    def row(self, row: dict) -> dict:
+        raise NotImplementedError
+
+    def stack(self, rows: list[dict], outs: list[dict]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def tokens(
+        self, texts: list[str], ids: str, mask: str, max_len: int | None = None
+    ) -> dict[str, np.ndarray]:
+        token_ids, token_mask = self.tokenize(texts, max_len)
+        return {ids: token_ids, mask: token_mask}
+
+
+class AugmentedRowTransform(RowTransform):
+    """A row transform whose image goes through `ImageAugment`: RandomResizedCrop, flip and
+    RandAugment in training, a deterministic resize in evaluation (`eval_resize`)."""
+
+    eval_resize = "square"  # the official finetuning evaluation resizes to S×S
+
+    def __init__(self, image_size: int, text_len: int, train: bool = True, seed: int = 0,
+                 crop_min_scale: float = 0.5, tokenizer_path: str | None = None) -> None:  # fmt: skip
+        super().__init__(text_len, train, tokenizer_path)
+        self.augment = ImageAugment(image_size, train, crop_min_scale, self.eval_resize,
+                                    process_rng(seed) if train else None)  # fmt: skip
+
+    def reseed(self, seed: int) -> None:
+        self.augment.reseed(seed)
+
+    def image(self, data: bytes, flip: bool | None = None) -> tuple[torch.Tensor, bool]:
+        """The row's image, augmented: (normalised (3, S, S), whether it was mirrored)."""
+        return self.augment(decode_rgb(data), flip)
+
+    @staticmethod
+    def images(outs: list[dict]) -> np.ndarray:
+        return torch.stack([o["image"] for o in outs]).numpy()
+
+
+class ImageTextTransform(AugmentedRowTransform):
+    """Pretraining rows: `image` float32 (B, 3, S, S), `input_ids` / `attention_mask` int64
+    (B, max_text_len) of the caption (or the question where a row has no caption), and with
+    `include_key` the ids `key` and `image_id` (str; the key where the row has no image id)."""
+
+    eval_resize = "center_crop"
+
+    def __init__(
+        self,
+        image_size: int,
+        max_text_len: int,
+        train: bool = True,
+        seed: int = 0,
+        tokenizer_path: str | None = None,
+        swap_left_right_on_flip: bool = True,
+        include_key: bool = True,
+        crop_min_scale: float = 0.2,
+    ) -> None:
+        if image_size <= 0 or max_text_len <= 0:
+            raise ValueError(f"image_size={image_size} and max_text_len={max_text_len} must be positive")
+        super().__init__(image_size, max_text_len, train, seed, crop_min_scale, tokenizer_path)
+        self.swap_left_right_on_flip, self.include_key = swap_left_right_on_flip, include_key
+        self.tokenizer = self.tokenize.tokenizer
+
+    def row(self, row: dict) -> dict:
+        image, flipped = self.image(row["image"])
+        text = row.get("caption") or row.get("question") or ""
+        return {
+            "image": image,
+            "text": swap_left_right(text) if flipped and self.swap_left_right_on_flip else text,
+        }
+
+    def stack(self, rows: list[dict], outs: list[dict]) -> dict[str, np.ndarray]:
+        out = {
+            "image": self.images(outs),
+            **self.tokens([o["text"] for o in outs], "input_ids", "attention_mask"),
+        }
+        if self.include_key:
+            out["key"] = _strings([r["key"] for r in rows])
+            out["image_id"] = _strings([_image_id(r) for r in rows])
+        return out
+
+
+class VQATransform(AugmentedRowTransform):
     """VQA rows. Training: `image`, `question_ids`/`question_mask` (B, Lq), `answer_ids`/
     `answer_mask` (B, A, La) of up to A distinct answers as `[CLS] answer [SEP]`, and
     `answer_weights` (B, A) float32: each answer's share of the human answers (0 in unused
     slots); a row whose `dataset` is a single-answer source (`single_answer_sources`: Visual
-    Genome, "vg") weighs its answer `single_answer_weight` (official: 0.5). Evaluation: `image`, the question tokens, `key`
-    (the question id), `question` and `raw_answers` (the human answers, for the official
-    metric). A flip swaps "left"/"right" in the question and in the answers.
+    Genome, "vg") weighs its answer `single_answer_weight` (official: 0.5). Evaluation: `image`,
+    the question tokens, `key` (the question id), `question` and `raw_answers` (the human
+    answers, for the official metric). A flip swaps "left"/"right" in the question and in the
+    answers.
     """
 
     def __init__(
@@ -274,13 +330,10 @@ class VQATransform:
         tokenizer_path: str | None = None,
         single_answer_sources: tuple[str, ...] = ("vg",),
     ) -> None:
-        self.train, self.answer_len, self.max_answers = train, answer_len, max_answers
+        super().__init__(image_size, question_len, train, seed, crop_min_scale, tokenizer_path)
+        self.answer_len, self.max_answers = answer_len, max_answers
         self.single_answer_weight = single_answer_weight
         self.single_answer_sources = frozenset(s.lower() for s in single_answer_sources)
-        self.tokenize = TextTokenizer(question_len, tokenizer_path)
-        self.augment = ImageAugment(
-            image_size, train, crop_min_scale, "square", process_rng(seed) if train else None
-        )
 
     def _answers(self, row: dict) -> tuple[list[str], list[float]]:
         answers, weights = (
@@ -294,41 +347,35 @@ class VQATransform:
         ranked = sorted(zip(answers, weights), key=lambda aw: -aw[1])[: self.max_answers]
         return [a for a, _ in ranked], [w for _, w in ranked]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        rows = [{k: batch[k][i] for k in batch} for i in range(n)]
-        images, questions, answers, weights = [], [], [], []
-        for row in rows:
-            self.augment.reseed(row.get("_seed"))
-            tensor, flipped = self.augment(decode_rgb(row["image"]))
-            question = str(row.get("question") or "")
-            row_answers, row_weights = self._answers(row)
-            if flipped:
-                question, row_answers = swap_left_right(question), [swap_left_right(a) for a in row_answers]
-            images.append(tensor)
-            questions.append(question)
-            answers.append(row_answers)
-            weights.append(row_weights)
-        q_ids, q_mask = self.tokenize(questions)
-        out = {"image": torch.stack(images).numpy(), "question_ids": q_ids, "question_mask": q_mask}
+    def row(self, row: dict) -> dict:
+        image, flipped = self.image(row["image"])
+        question = str(row.get("question") or "")
+        answers, weights = self._answers(row)
+        if flipped:
+            question, answers = swap_left_right(question), [swap_left_right(a) for a in answers]
+        return {"image": image, "question": question, "answers": answers, "weights": weights}
+
+    def stack(self, rows: list[dict], outs: list[dict]) -> dict[str, np.ndarray]:
+        questions = [o["question"] for o in outs]
+        out = {"image": self.images(outs), **self.tokens(questions, "question_ids", "question_mask")}
         if not self.train:
-            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+            out["key"] = _strings([r["key"] for r in rows])
             out["question"] = np.asarray(questions, dtype=object)
             out["raw_answers"] = objects(
                 [_text_list(r.get("raw_answers")) or _text_list(r.get("answers")) for r in rows]
             )
             return out
-        slots = [a + [""] * (self.max_answers - len(a)) for a in answers]
-        a_ids, a_mask = self.tokenize([a for s in slots for a in s], self.answer_len)
-        out["answer_ids"] = a_ids.reshape(n, self.max_answers, self.answer_len)
-        out["answer_mask"] = a_mask.reshape(n, self.max_answers, self.answer_len)
-        out["answer_weights"] = np.asarray(
-            [w + [0.0] * (self.max_answers - len(w)) for w in weights], dtype=np.float32
-        )
+        n, a = len(rows), self.max_answers
+        slots = [o["answers"] + [""] * (a - len(o["answers"])) for o in outs]
+        answers = self.tokens([s for row in slots for s in row], "ids", "mask", self.answer_len)
+        out["answer_ids"] = answers["ids"].reshape(n, a, self.answer_len)
+        out["answer_mask"] = answers["mask"].reshape(n, a, self.answer_len)
+        out["answer_weights"] = np.asarray([o["weights"] + [0.0] * (a - len(o["weights"])) for o in outs],
+                                           dtype=np.float32)  # fmt: skip
         return out
 
 
-class CaptionTransform:
+class CaptionTransform(AugmentedRowTransform):
     """Captioning rows: `image` and `caption_ids`/`caption_mask` (B, L) of `[CLS] prompt caption
     [SEP]` (cut at `caption_len` tokens), plus the ids `key` and `image_id` (str: the image's
     references are looked up by it) and `flipped` (bool: SCST mirrors a flipped image's sampled
@@ -346,28 +393,22 @@ class CaptionTransform:
         include_ids: bool = False,
         tokenizer_path: str | None = None,
     ) -> None:
+        super().__init__(image_size, caption_len, train, seed, crop_min_scale, tokenizer_path)
         self.prompt, self.include_ids = prompt, include_ids
-        self.tokenize = TextTokenizer(caption_len, tokenizer_path)
-        self.augment = ImageAugment(
-            image_size, train, crop_min_scale, "square", process_rng(seed) if train else None
-        )
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        images, captions, flips = [], [], []
-        for data, caption, seed in zip(batch["image"], _column(batch, "caption", n), row_seeds(batch, n)):
-            self.augment.reseed(seed)
-            tensor, flipped = self.augment(decode_rgb(data))
-            caption = str(caption or "")
-            images.append(tensor)
-            flips.append(flipped)
-            captions.append(self.prompt + (swap_left_right(caption) if flipped else caption))
-        ids, mask = self.tokenize(captions)
-        out = {"image": torch.stack(images).numpy(), "caption_ids": ids, "caption_mask": mask}
+    def row(self, row: dict) -> dict:
+        image, flipped = self.image(row["image"])
+        caption = str(row.get("caption") or "")
+        return {"image": image, "flipped": flipped,
+                "caption": self.prompt + (swap_left_right(caption) if flipped else caption)}  # fmt: skip
+
+    def stack(self, rows: list[dict], outs: list[dict]) -> dict[str, np.ndarray]:
+        out = {"image": self.images(outs),
+               **self.tokens([o["caption"] for o in outs], "caption_ids", "caption_mask")}  # fmt: skip
         if self.include_ids:
-            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
-            out["image_id"] = image_ids(batch, n)
-            out["flipped"] = np.asarray(flips, dtype=bool)
+            out["key"] = _strings([r["key"] for r in rows])
+            out["image_id"] = _strings([_image_id(r) for r in rows])
+            out["flipped"] = np.asarray([o["flipped"] for o in outs], dtype=bool)
         return out
 
 
@@ -379,10 +420,10 @@ def stable_image_number(image_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(image_id.encode(), digest_size=8).digest(), "big") >> 1
 
 
-class RetrievalTransform:
+class RetrievalTransform(AugmentedRowTransform):
     """Retrieval rows: `image`, `input_ids`/`attention_mask` of the caption, and `image_number`
-    (int64, from the image id: the captions of one image are positives of each other). With
-    `include_ids` (evaluation) also `key` and `image_id` (str)."""
+    (int64, from the image id: the captions of one image are positives of each other). In
+    evaluation also `key` and `image_id` (str)."""
 
     def __init__(
         self,
@@ -393,36 +434,27 @@ class RetrievalTransform:
         crop_min_scale: float = 0.5,
         tokenizer_path: str | None = None,
     ) -> None:
-        self.train = train
-        self.tokenize = TextTokenizer(max_text_len, tokenizer_path)
-        self.augment = ImageAugment(
-            image_size, train, crop_min_scale, "square", process_rng(seed) if train else None
-        )
+        super().__init__(image_size, max_text_len, train, seed, crop_min_scale, tokenizer_path)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        images, texts = [], []
-        for data, caption, seed in zip(batch["image"], _column(batch, "caption", n), row_seeds(batch, n)):
-            self.augment.reseed(seed)
-            tensor, flipped = self.augment(decode_rgb(data))
-            caption = str(caption or "")
-            images.append(tensor)
-            texts.append(swap_left_right(caption) if flipped else caption)
-        ids, mask = self.tokenize(texts)
-        groups = image_ids(batch, n)
+    def row(self, row: dict) -> dict:
+        image, flipped = self.image(row["image"])
+        caption = str(row.get("caption") or "")
+        return {"image": image, "caption": swap_left_right(caption) if flipped else caption}
+
+    def stack(self, rows: list[dict], outs: list[dict]) -> dict[str, np.ndarray]:
+        groups = [_image_id(r) for r in rows]
         out = {
-            "image": torch.stack(images).numpy(),
-            "input_ids": ids,
-            "attention_mask": mask,
+            "image": self.images(outs),
+            **self.tokens([o["caption"] for o in outs], "input_ids", "attention_mask"),
             "image_number": np.asarray([stable_image_number(g) for g in groups], dtype=np.int64),
         }
         if not self.train:
-            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
-            out["image_id"] = groups
+            out["key"] = _strings([r["key"] for r in rows])
+            out["image_id"] = _strings(groups)
         return out
 
 
-class GroundingTransform:
+class GroundingTransform(RowTransform):
     """Referring-expression rows, boxes kept right through every geometric step.
 
     The image is letterboxed: resized so its longer side is S, then padded to S×S (at a random
@@ -444,12 +476,15 @@ class GroundingTransform:
         crop_probability: float = 0.5,
         tokenizer_path: str | None = None,
     ) -> None:
-        self.size, self.train, self.crop_probability = image_size, train, crop_probability
-        self.tokenize = TextTokenizer(max_text_len, tokenizer_path)
+        super().__init__(max_text_len, train, tokenizer_path)
+        self.size, self.crop_probability = image_size, crop_probability
         self.rng = process_rng(seed) if train else np.random.default_rng(0)
         self.to_float = T.Compose(
             [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(mean=CLIP_MEAN, std=CLIP_STD)]
         )
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
 
     def _crop_keeping_box(self, im: Image.Image, box: list[float]) -> tuple[Image.Image, list[float]]:
         x, y, w, h = box
@@ -474,55 +509,46 @@ class GroundingTransform:
         square.paste(im, (ox, oy))
         return square, float(ox), float(oy), scale
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        images, texts, boxes, gt, frames, ratios, sizes = [], [], [], [], [], [], []
-        widths, orig_widths = _column(batch, "width", n), _column(batch, "orig_width", n)
-        seeds = row_seeds(batch, n)
-        for i, (data, text, bbox) in enumerate(
-            zip(batch["image"], _column(batch, "caption", n), batch["bbox"])
-        ):
-            if self.train and seeds[i] is not None:  # the row's own draws (the training order's `_seed`)
-                self.rng = np.random.default_rng(seeds[i])
-            im = decode_rgb(data)
-            box = [float(v) for v in list(bbox)]
-            text = str(text or "")
-            stored = (box, im.size)
-            if self.train:
-                if self.rng.random() < self.crop_probability:
-                    im, box = self._crop_keeping_box(im, box)
-                if self.rng.random() < 0.5:
-                    im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                    box = [im.size[0] - box[0] - box[2], box[1], box[2], box[3]]
-                    text = swap_left_right(text)
-            square, ox, oy, scale = self._letterbox(im)
-            x, y, w, h = (v * scale for v in box)
-            x, y = x + ox, y + oy
-            boxes.append([(x + w / 2) / self.size, (y + h / 2) / self.size, w / self.size, h / self.size])
-            images.append(self.to_float(square))
-            texts.append(text)
-            ratio = float(orig_widths[i]) / float(widths[i] or stored[1][0]) if orig_widths[i] else 1.0
-            gt.append([v * ratio for v in stored[0]])
-            frames.append([ox, oy, scale])
-            ratios.append(ratio)
-            sizes.append([stored[1][0] * ratio, stored[1][1] * ratio])
-        ids, mask = self.tokenize(texts)
+    def row(self, row: dict) -> dict:
+        im = decode_rgb(row["image"])
+        box = [float(v) for v in list(row["bbox"])]
+        text = str(row.get("caption") or "")
+        stored_box, stored_size = box, im.size
+        if self.train:
+            if self.rng.random() < self.crop_probability:
+                im, box = self._crop_keeping_box(im, box)
+            if self.rng.random() < 0.5:
+                im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                box = [im.size[0] - box[0] - box[2], box[1], box[2], box[3]]
+                text = swap_left_right(text)
+        square, ox, oy, scale = self._letterbox(im)
+        x, y, w, h = (v * scale for v in box)
+        x, y = x + ox, y + oy
+        width, orig_width = row.get("width"), row.get("orig_width")
+        ratio = float(orig_width) / float(width or stored_size[0]) if orig_width else 1.0
+        return {
+            "image": self.to_float(square), "text": text,
+            "box": [(x + w / 2) / self.size, (y + h / 2) / self.size, w / self.size, h / self.size],
+            "gt": [v * ratio for v in stored_box], "frame": [ox, oy, scale], "ratio": ratio,
+            "size": [stored_size[0] * ratio, stored_size[1] * ratio],
+        }  # fmt: skip
+
+    def stack(self, rows: list[dict], outs: list[dict]) -> dict[str, np.ndarray]:
         out = {
-            "image": torch.stack(images).numpy(),
-            "text_ids": ids,
-            "text_mask": mask,
-            "boxes": np.asarray(boxes, dtype=np.float32).clip(0, 1),
+            "image": torch.stack([o["image"] for o in outs]).numpy(),
+            **self.tokens([o["text"] for o in outs], "text_ids", "text_mask"),
+            "boxes": np.asarray([o["box"] for o in outs], dtype=np.float32).clip(0, 1),
         }
         if not self.train:
-            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
-            out["gt_box"] = np.asarray(gt, dtype=np.float32)
-            out["frame"] = np.asarray(frames, dtype=np.float32)
-            out["to_original"] = np.asarray(ratios, dtype=np.float32)
-            out["orig_size"] = np.asarray(sizes, dtype=np.float32)
+            out["key"] = _strings([r["key"] for r in rows])
+            out["gt_box"] = np.asarray([o["gt"] for o in outs], dtype=np.float32)
+            out["frame"] = np.asarray([o["frame"] for o in outs], dtype=np.float32)
+            out["to_original"] = np.asarray([o["ratio"] for o in outs], dtype=np.float32)
+            out["orig_size"] = np.asarray([o["size"] for o in outs], dtype=np.float32)
         return out
 
 
-class ClassificationTransform:
+class ClassificationTransform(AugmentedRowTransform):
     """NLVR2 / SNLI-VE rows: `image` (B, 3, S, S), or (B, 2, 3, S, S) from the `images` column
     when `num_images` = 2, the statement's `input_ids`/`attention_mask`, and `label` int64
     (index into `labels`). In training one flip decision per row: with two images both are
@@ -540,12 +566,9 @@ class ClassificationTransform:
         crop_min_scale: float = 0.5,
         tokenizer_path: str | None = None,
     ) -> None:
+        super().__init__(image_size, max_text_len, train, seed, crop_min_scale, tokenizer_path)
         self.labels = {label.lower(): i for i, label in enumerate(labels)}
-        self.num_images, self.train = num_images, train
-        self.tokenize = TextTokenizer(max_text_len, tokenizer_path)
-        self.augment = ImageAugment(
-            image_size, train, crop_min_scale, "square", process_rng(seed) if train else None
-        )
+        self.num_images = num_images
 
     def _label(self, value) -> int:
         name = str(value).strip().lower()
@@ -553,32 +576,26 @@ class ClassificationTransform:
             raise ValueError(f"label {value!r} is not one of {sorted(self.labels)}")
         return self.labels[name]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        pairs = _column(batch, "images", n)
-        images, texts = [], []
-        seeds = row_seeds(batch, n)
-        for row, (data, text) in enumerate(zip(batch["image"], _column(batch, "caption", n))):
-            self.augment.reseed(seeds[row])
-            sources = list(pairs[row]) if self.num_images > 1 else [data]
-            if len(sources) != self.num_images:
-                raise ValueError(
-                    f"row {batch['key'][row]!r} has {len(sources)} images, this task takes {self.num_images}"
-                )
-            flip = bool(self.augment.rng.random() < 0.5) if self.train else False
-            tensors = [self.augment(decode_rgb(s), flip=flip)[0] for s in sources]
-            text = str(text or "")
-            if flip:
-                tensors, text = tensors[::-1], swap_left_right(text)
-            images.append(torch.stack(tensors) if self.num_images > 1 else tensors[0])
-            texts.append(text)
-        ids, mask = self.tokenize(texts)
+    def row(self, row: dict) -> dict:
+        sources = list(row.get("images")) if self.num_images > 1 else [row["image"]]
+        if len(sources) != self.num_images:
+            raise ValueError(
+                f"row {row['key']!r} has {len(sources)} images, this task takes {self.num_images}"
+            )
+        flip = bool(self.augment.rng.random() < 0.5) if self.train else False
+        tensors = [self.image(s, flip=flip)[0] for s in sources]
+        text = str(row.get("caption") or "")
+        if flip:
+            tensors, text = tensors[::-1], swap_left_right(text)
+        return {"image": torch.stack(tensors) if self.num_images > 1 else tensors[0], "text": text,
+                "label": self._label(row["label"])}  # fmt: skip
+
+    def stack(self, rows: list[dict], outs: list[dict]) -> dict[str, np.ndarray]:
         out = {
-            "image": torch.stack(images).numpy(),
-            "input_ids": ids,
-            "attention_mask": mask,
-            "label": np.asarray([self._label(v) for v in batch["label"]], dtype=np.int64),
+            "image": self.images(outs),
+            **self.tokens([o["text"] for o in outs], "input_ids", "attention_mask"),
+            "label": np.asarray([o["label"] for o in outs], dtype=np.int64),
         }
         if not self.train:
-            out["key"] = np.asarray([str(k) for k in batch["key"]], dtype=object)
+            out["key"] = _strings([r["key"] for r in rows])
         return out
