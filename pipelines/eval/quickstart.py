@@ -92,6 +92,7 @@ class Predictor:
         (`{"vqa.num_beams": 3}`). `device`: default CUDA when present, else CPU.
         """
         from mplug import official
+        from pipelines.batches import default_device
         from pipelines.eval.evaluate import build_eval_task, load_model
         from pipelines.tasks import task_class
         from pipelines.train.config import load_config
@@ -100,7 +101,7 @@ class Predictor:
 
         if task not in TASKS:
             raise ValueError(f"task {task!r}: the quickstart captions or answers; valid tasks: {TASKS}")
-        where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        where = torch.device(device) if device is not None else default_device()
         source = resolve_init(os.fspath(model))
         if source.kind == "official":
             if preset is None:
@@ -143,10 +144,9 @@ class Predictor:
         """One caption (caption) or answer (vqa, one question per image) per image, in order. An
         image ingest would reject (undecodable, too small, too elongated, ...) raises ValueError
         naming the image and the reason."""
+        from pipelines.batches import collate_rows, to_device
         from pipelines.data.image import ImageLimits, ImageRejected, process_image
-        from pipelines.data.stream import collate_rows
         from pipelines.data.transforms import objects
-        from pipelines.train.loop import to_device
 
         name = self.task.name
         if name == "vqa" and (questions is None or len(questions) != len(images)):
