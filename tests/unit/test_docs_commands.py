@@ -411,6 +411,19 @@ def test_a_broken_link_fails(tmp_path) -> None:
     ]
 
 
+def test_data_page_explains_every_reject_reason() -> None:
+    """Ingest's fixed set of reasons, each a row of docs/data.md's table, and no other."""
+    from pipelines.data.records import REJECT_REASONS
+
+    text = (ROOT / "docs" / "data.md").read_text()
+    section = text[text.index("## Reject reasons") :]
+    section = section[: section.index("\n## ", 1)]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M))
+    assert documented == set(REJECT_REASONS), (
+        f"missing: {sorted(set(REJECT_REASONS) - documented)}; not a reason: {sorted(documented - set(REJECT_REASONS))}"
+    )
+
+
 def test_readme_preset_table_is_what_the_code_computes() -> None:
     from benchmarks.model_presets import markdown_table, preset_rows
 
