@@ -411,6 +411,23 @@ def test_a_broken_link_fails(tmp_path) -> None:
     ]
 
 
+def test_readme_layout_names_every_package_and_pipelines_module() -> None:
+    """The README's layout table stays the map DESIGN.md asks for: each top-level folder, and each
+    module and subpackage of `pipelines/`, named in its row."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Layout") :]
+    rows = dict(re.findall(r"^\| `([a-z]+)/` \| (.*) \|$", section[: section.index("\n## ", 1)], flags=re.M))
+    for folder in ("mplug", "pipelines", "jobs", "tests", "benchmarks", "docs"):
+        assert folder in rows, f"README.md's layout has no row for {folder}/"
+    pipelines = [
+        p.name + ("/" if p.is_dir() else "")
+        for p in sorted((ROOT / "pipelines").iterdir())
+        if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()
+    ]
+    missing = [name for name in pipelines if f"`{name}`" not in rows["pipelines"]]
+    assert not missing, f"README.md's layout row for pipelines/ does not name {missing}"
+
+
 def test_data_page_explains_every_reject_reason() -> None:
     """Ingest's fixed set of reasons, each a row of docs/data.md's table, and no other."""
     from pipelines.data.records import REJECT_REASONS
