@@ -247,6 +247,19 @@ def fitting_configs(kind: str, task: str | None) -> list[str]:
     return shipped_configs(kind)
 
 
+def check_task_keys(keys: list[str], task: str, flag: str = "--set") -> None:
+    """Refuse options of another task's section (e.g. `--set caption.max_length=20` for vqa):
+    nothing would read them."""
+    from pipelines.train.config import ConfigError
+
+    for key in keys:
+        section = key.split(".", 1)[0]
+        if section in TASK_SECTIONS and section != task:
+            raise ConfigError(
+                f"{flag} {key}: a {section} option, and this is task {task!r}: nothing would read it"
+            )
+
+
 # ---- the command --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.cli import add_command
+from jobs.cli import add_command, check_task_keys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -95,7 +95,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from pipelines.train.config import parse_set_args
 
     check_inputs(args.model, data=args.data)
-    result = evaluate_task(args.task, args.model, args.data, args.output, overrides=parse_set_args(args.set),
+    overrides = parse_set_args(args.set)
+    check_task_keys(list(overrides), args.task)
+    result = evaluate_task(args.task, args.model, args.data, args.output, overrides=overrides,
                            batch_size=args.batch_size, num_actors=args.num_actors, use_gpu=args.use_gpu,
                            address=args.address)  # fmt: skip
     print(format_result(result))
@@ -108,8 +110,10 @@ def run_infer(args: argparse.Namespace) -> int:
     from pipelines.train.config import parse_set_args
 
     check_inputs(args.model, input_uri=args.input)
+    overrides = parse_set_args(args.set)
+    check_task_keys(list(overrides), args.task)
     stats = infer(args.task, args.model, args.input, args.output, question=args.question,
-                  overrides=parse_set_args(args.set), batch_size=args.batch_size, num_actors=args.num_actors,
+                  overrides=overrides, batch_size=args.batch_size, num_actors=args.num_actors,
                   use_gpu=args.use_gpu, address=args.address)  # fmt: skip
     print(json.dumps(stats, indent=1))
     return 0

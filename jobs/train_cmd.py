@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.cli import add_command, check_config
+from jobs.cli import add_command, check_config, check_task_keys
 
 
 def _workers(text: str) -> int | list[int]:
@@ -181,6 +181,7 @@ def config_from_args(args: argparse.Namespace):
     overrides = parse_set_args(args.set)
     if overrides.get("task", task) != task:
         raise ConfigError(f"--set task={overrides['task']} contradicts the command's task {task!r}")
+    check_task_keys(list(overrides), task)
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:

@@ -188,6 +188,8 @@ def test_a_wrong_config_name_says_it_does_not_exist_and_names_the_closest(argv, 
         (["pretrain", "--config", "tune_tiny"], "is a search space, for `mplug tune --space`"),
         (["ingest", "--config", "pretrain_tiny"], "is a training config"),
         (["pretrain", "--config", "ingest_vqa"], "is an ingest config, for `mplug ingest --config`"),
+        (["finetune", "--task", "vqa", "--config", "finetune_vqa_tiny", "--set", "caption.max_length=20"],
+         "--set caption.max_length: a caption option, and this is task 'vqa': nothing would read it"),
     ],
 )  # fmt: skip
 def test_a_config_of_another_task_or_kind_is_refused(argv, says, capsys, no_ray):
@@ -277,6 +279,9 @@ def test_evaluate_checks_its_inputs_before_ray(tmp_path, capsys, no_ray, ingest_
     line = refused(["evaluate", "--task", "vqa", "--model", str(model), "--data", str(tmp_path), "--output",
                     str(tmp_path / "o")], capsys)  # fmt: skip
     assert "has no stats.json: pass an output folder of `mplug ingest`" in line
+    line = refused(["evaluate", "--task", "vqa", "--model", str(model), "--data", ingest_output, "--output",
+                    str(tmp_path / "o"), "--set", "grounding.iou_threshold=0.7"], capsys)  # fmt: skip
+    assert "a grounding option, and this is task 'vqa'" in line
 
 
 # ---- errors: one line, exit 2 for config errors, 1 for the rest ---------------------------------------
