@@ -192,7 +192,7 @@ class MPlugConfig(PreTrainedConfig):
             are the gathered batch only). Training from scratch for a few hundred steps needs 0:
             while the towers still map every input to nearly the same feature, stale queued
             keys give the query a direction to flee that is not alignment, and ITC collapses
-            (measured on shapes-world: R@5 0.02 with a 64-entry queue vs 0.46 without, 100 steps).
+            (BENCHMARKS.md has the measurement).
         distill_alpha: momentum-distillation weight alpha (ramped by the trainer in epoch 0).
         itm_random_negative_steps: training steps at the start whose ITM negatives are drawn
             uniformly from the batch; hard negatives (by ITC similarity, the official sampling)

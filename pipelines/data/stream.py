@@ -104,9 +104,9 @@ def task_dataset(
     import ray
 
     files = processed_files(data_uris)
-    # One item per shard file, read by tasks through the storage helper. Ray Data 2.60's
-    # `read_parquet` costs 10-14 s of planning per execution here (measured: 128 rows, local),
-    # paid again every epoch since the stream re-executes; a file list costs ~0.1 s.
+    # One item per shard file, read by tasks through the storage helper: Ray Data's
+    # `read_parquet` plans anew at every execution (seconds, every epoch, as the stream
+    # re-executes; BENCHMARKS.md), a file list costs next to nothing.
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
     if train:
         # The file order changes every epoch (seeded); the trainer's local shuffle buffer
