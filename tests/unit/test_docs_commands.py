@@ -161,14 +161,19 @@ def config_problems(words: list[str]) -> list[str]:
 
 
 def set_problems(words: list[str]) -> list[str]:
-    """`--set KEY=VALUE` names config keys that exist, with valid values."""
+    """`--set KEY=VALUE` names config keys that exist, with valid values, of the command's task
+    (the CLI's own rule: another task's section is refused)."""
+    from jobs.cli import check_task_keys
     from pipelines.train.config import ConfigError, load_config, parse_set_args
 
     pairs = _flag_values(words, "--set")
     if words[0] not in SET_COMMANDS or not pairs:
         return []
+    task = "pretrain" if words[0] == "pretrain" else next(iter(_flag_values(words, "--task")), "pretrain")
     try:
-        load_config(None, {"task": "pretrain", "run.max_steps": 1, **parse_set_args(pairs)})
+        overrides = parse_set_args(pairs)
+        check_task_keys(list(overrides), task)
+        load_config(None, {"task": task, "run.max_steps": 1, **overrides})
     except (ConfigError, ValueError) as err:
         return [f"--set {' '.join(pairs)}: {str(err).splitlines()[0]}"]
     return []
@@ -469,6 +474,10 @@ def _doc(*lines: str) -> str:
         (["mplug ingest --config pretrain_tiny --input x"], "not ingest config"),
         (["mplug tune --task vqa --space finetune_vqa_base --config finetune_vqa_base"], "not space config"),
         (["mplug evaluate --task vqa --model m --data d --output o --set vqa.num_beam=3"], "num_beam"),
+        (
+            ["mplug evaluate --task vqa --model m --data d --output o --set caption.num_beams=3"],
+            "a caption option",
+        ),
         (
             [
                 "mplug finetune --task vqa --config finetune_vqa_base --data s3://b/x --name n --storage s3://b/r"
