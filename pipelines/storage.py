@@ -193,6 +193,12 @@ def local_path(uri: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def absolute(uri: str) -> str:
+    """`uri` as every process reads it alike: a local path made absolute (a Ray worker's working
+    folder is not the driver's); object-store URIs unchanged."""
+    return uri if is_remote(uri) else local_path(uri)
+
+
 def is_remote(uri: str) -> bool:
     return _scheme(uri) in ("s3", "gs", "gcs")
 

@@ -72,11 +72,28 @@ def storage_run_uri(job: TrainConfig) -> str:
     return storage.join(job.run.storage, job.run.name)
 
 
+def absolute_paths(job: TrainConfig) -> TrainConfig:
+    """The job with every local path absolute: a relative one means the launching process's
+    folder, and Ray workers run in folders of their own (data, weights, the run folder)."""
+
+    def one(uri: str | None) -> str | None:
+        return None if uri is None else storage.absolute(uri)
+
+    m, d, v = job.model, job.data, job.vqa
+    return job.model_copy(update={
+        "run": job.run.model_copy(update={"storage": storage.absolute(job.run.storage)}),
+        "data": d.model_copy(update={"uris": [one(u) for u in d.uris], "eval_uris": [one(u) for u in d.eval_uris]}),
+        "model": m.model_copy(update={"init": one(m.init), "init_vision": one(m.init_vision), "init_text": one(m.init_text)}),
+        "vqa": v.model_copy(update={"answer_list": one(v.answer_list)}),
+    })  # fmt: skip
+
+
 def plan_run(job: TrainConfig) -> TrainPlan:
     """Everything a run needs, checked before Ray or any worker starts; raises ConfigError."""
     from pipelines.tasks import task_class
     from pipelines.train.init import check_sources, resolve_init
 
+    job = absolute_paths(job)
     cls = task_class(job.task)
     check_placeholders(job.model_dump(mode="json"))  # a shipped `CHANGE-ME` names the flag to pass
     if not job.data.uris:
@@ -289,7 +306,7 @@ def summary(plan: TrainPlan, result) -> str:
     losses = "  ".join(f"{k} {last[k]:.4f}" for k in last if k == "loss" or k.startswith("loss_"))
     lines = [
         "",
-        f"== {plan.task} run {job.run.name!r} " + ("finished" if result.error is None else f"FAILED: {result.error}"),
+        f"== {plan.task} run {job.run.name!r} " + ("finished" if result.error is None else f"FAILED: {failure_line(result.error)}"),
         f"  steps        {int(last.get('step', 0))}/{plan.total_steps}   epoch {int(last.get('epoch', 0))}",
         f"  final loss   {losses or '(none logged)'}",
         f"  throughput   {last.get('samples_per_s', float('nan')):.1f} samples/s, data wait "
@@ -308,6 +325,19 @@ def summary(plan: TrainPlan, result) -> str:
         f"  curves       {storage.join(plan.run_uri, 'metrics.csv')}, {storage.join(plan.run_uri, 'curves.png')}",
     ]
     return "\n".join(lines)
+
+
+def failure_line(error: BaseException) -> str:
+    """What failed, in one line: the innermost `SomethingError: message` of the (worker) traceback
+    Ray Train wraps the error in, else its first line."""
+    import re
+
+    text = str(error)
+    causes = re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception): .+)$", text, flags=re.MULTILINE)
+    if causes:
+        return causes[-1]
+    lines = [line for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _history(run_uri: str) -> list[dict[str, float]]:

@@ -75,8 +75,9 @@ def plan_search(
 ) -> SearchPlan:
     """Validate the base job, the space against it, the data and the search options."""
     from pipelines.tasks import task_class
-    from pipelines.train.launch import plan_run
+    from pipelines.train.launch import absolute_paths, plan_run
 
+    base = absolute_paths(base)  # trials plan in their own folders: relative paths mean this one's
     if scheduler not in SCHEDULERS:
         raise ConfigError(f"--scheduler {scheduler!r}: choose one of {SCHEDULERS}")
     if search not in SEARCHERS:
@@ -114,7 +115,7 @@ def plan_search(
         task=base.task,
         base=base.model_dump(mode="json"),
         space_source=space.source,
-        storage=storage_uri,
+        storage=storage.absolute(storage_uri),
         name=name,
         num_samples=num_samples,
         max_concurrent=max_concurrent,

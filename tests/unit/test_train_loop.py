@@ -4,6 +4,7 @@ a report says, the batch and epoch of an elastic group as it is, what a resumed 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +63,21 @@ def test_a_resumed_run_carries_its_last_evaluation() -> None:
                {"step": 10.0, "epoch": 1.0, "loss": 1.0, "eval_r_mean": 7.0}, {"step": 12.0, "epoch": 1.2, "loss": 0.9}]  # fmt: skip
     assert _newest_evaluation(history) == {"eval_r_mean": 7.0, "eval_epoch": 1.0}
     assert _newest_evaluation(history[1:2]) == {}
+
+
+def test_a_relative_run_folder_is_the_drivers_for_every_worker(tmp_path, monkeypatch) -> None:
+    """`--storage runs` names ./runs of the launching process: the plan hands the workers (which
+    run in Ray's own folders) its absolute path, so final/ and metrics.csv land beside the
+    checkpoints; so with every other local path of the job."""
+    import json
+
+    from pipelines.train.launch import plan_run
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "stats.json").write_text(json.dumps({"written": 64}))
+    monkeypatch.chdir(tmp_path)
+    config = Path(__file__).parents[2] / "jobs" / "configs" / "pretrain_tiny.yaml"
+    plan = plan_run(load_config(config, {"data.uris": ["data"], "run.storage": "runs", "run.name": "rel"}))
+    assert plan.run_uri == str(tmp_path / "runs" / "rel")
+    assert plan.job["run"]["storage"] == str(tmp_path / "runs")
+    assert plan.job["data"]["uris"] == [str(tmp_path / "data")]
