@@ -233,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         print(
             f"mplug ingest: {bad} input file(s), part(s) or image(s) could not be read (reasons bad_shard "
-            f"and storage_error in {storage.join(config.output, 'rejects')}; a re-run reads the "
-            "storage_error ones again); the rest is written",
+            f"and storage_error in {storage.join(config.output, 'rejects')}; re-run with --overwrite "
+            "to read storage_error ones again); the rest is written",
             file=sys.stderr,
         )
         return EXIT_BAD_SHARDS

@@ -22,7 +22,7 @@ names are resolved on the driver, so a LAION-style (`URL`/`TEXT`) or img2dataset
 A unit that cannot be read (truncated tar, unreadable parquet, not JSON) ends in one `bad_shard`
 record keyed by the file (`guarded`): the rows read before the fault count as usual. A unit the
 object store would not serve after the client's retries ends the same way with reason
-`storage_error` (the file may be fine: a re-run reads it again).
+`storage_error` (the file may be fine: a re-run with `overwrite` reads it again).
 
 Nothing untrusted is read whole before its size is known: a tar member larger than
 `max_member_bytes` is skipped in the stream (its sample is rejected `too_large`), and a JSON line

@@ -20,7 +20,7 @@ REJECT_REASONS: dict[str, str] = {
     "duplicate": "same image bytes, cleaned caption/question and task fields as a row with a smaller key",
     "bad_record": "a malformed row or annotation (missing key field, wrong type, unparseable metadata, no known format)",
     "bad_shard": "a whole input file, or the rest of one, could not be read (truncated tar, unreadable parquet, not JSON); counted as one row keyed by the file",
-    "storage_error": "the object store would not serve an input file or image after the client's retries (throttling, server errors, broken connections, denied access); keyed by the file for a whole input file, the detail names the URI; a re-run reads it again",
+    "storage_error": "the object store would not serve an input file or image after the client's retries (throttling, server errors, broken connections, denied access); keyed by the file for a whole input file, the detail names the URI; a re-run with `overwrite` reads it again",
     "path_outside_root": "an annotation's image path is absolute, a URI, or climbs out of `image_root` with `..` (allow with `allow_image_paths_outside_root`)",
     "url_not_allowed": "the URL is not http(s), or names a loopback, private, link-local or otherwise non-public address, also after a redirect (allow private ones with `download.allow_private_urls`)",
 }
