@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -126,18 +126,23 @@ def _connection_classes(allow_private: bool) -> tuple[type, type]:
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
     """Follows up to `max_redirects` hops, each only to http(s); its address is checked when
-    the hop connects (the handlers above make every connection)."""
+    the hop connects (the checked connections of `_opener` make every connection)."""
 
     def __init__(self, max_redirects: int) -> None:
         self.max_redirections = max_redirects
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urlparse(newurl).scheme.lower()
-        if scheme not in ALLOWED_SCHEMES:
-            raise URLNotAllowed(
-                "bad_scheme", f"redirected to {newurl!r}: only http and https URLs are fetched"
-            )
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req, fp, code, msg, headers):
+        # Checked before urllib's own handling, which turns a disallowed scheme into an HTTP error.
+        location = headers.get("location") or headers.get("uri")
+        if location is not None:
+            target = urljoin(req.full_url, location)
+            if urlparse(target).scheme.lower() not in ALLOWED_SCHEMES:
+                raise URLNotAllowed(
+                    "bad_scheme", f"redirected to {target!r}: only http and https URLs are fetched"
+                )
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 def _opener(cfg: DownloadConfig) -> urllib.request.OpenerDirector:

@@ -1,5 +1,7 @@
 """The URL download stage against a loopback HTTP server: good images, 404s, slow responses,
-truncated bodies, wrong content types, oversized bodies and a flaky endpoint.
+truncated bodies, wrong content types, oversized and endless bodies, a flaky endpoint, redirects.
+The server is on a loopback address, so every fetch here opts in with `allow_private_urls`
+(what `--allow-private-urls` sets); without it the same URLs are refused (test_bad_input.py).
 
 Every outcome is fixed by the server, not by timing, so the tests hold on a loaded machine: the
 slow endpoint never answers while a client waits (it is released at shutdown), the flaky one
@@ -50,6 +52,7 @@ class Server:
         self.root = root
         self.hits: Counter = Counter()
         self.release = threading.Event()
+        self.abandoned = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -87,6 +90,22 @@ class Server:
                         self.send_error(503)
                     else:
                         self._send(jpeg())
+                elif self.path == "/endless.jpg":  # chunked, no length: only a cap on reading stops it
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    block = b"\xff" * 65536
+                    try:
+                        for _ in range(1024):  # 64 MiB at most, should a client read on
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(block), block))
+                    except OSError:
+                        server.abandoned.set()  # the client hung up
+                elif self.path.startswith("/redirect?to="):
+                    self.send_response(302)
+                    self.send_header("Location", self.path.split("=", 1)[1])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                 else:
                     self.send_error(404)
 
@@ -114,7 +133,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 def test_every_url_gets_one_outcome(server: Server) -> None:
     # Generous timeout: only the slow endpoint, which never answers in time, may time out.
-    cfg = DownloadConfig(timeout_s=20.0, retries=1, backoff_s=0.01, max_bytes=100_000, threads=8)
+    cfg = DownloadConfig(
+        timeout_s=20.0, retries=1, backoff_s=0.01, max_bytes=100_000, threads=8, allow_private_urls=True
+    )
     names = ["/files/ok.jpg", "/files/missing.jpg", "/truncated.jpg", "/page.html", "/huge.jpg", "/flaky.jpg"]
     results = fetch_all([server.base + n for n in names], cfg)
     slow = fetch(server.base + "/slow.jpg", cfg.model_copy(update={"timeout_s": 0.3}))
@@ -163,7 +184,7 @@ def test_ingest_url_list_from_s3_records_each_outcome(ray_session, s3_bucket, se
     cfg = IngestConfig(
         input=s3_bucket.uri("urls"), format="urls", output=out, image_size=48, rows_per_unit=8,
         # Loopback fetches answer well within 3 s even on a loaded machine; /slow.jpg never does.
-        download=DownloadConfig(timeout_s=3.0, retries=1, backoff_s=0.01, threads=8),
+        download=DownloadConfig(timeout_s=3.0, retries=1, backoff_s=0.01, threads=8, allow_private_urls=True),
     )  # fmt: skip
     stats = run_ingest(cfg)
     assert stats["read"] == len(rows) == stats["written"] + stats["rejected"]
@@ -180,3 +201,29 @@ def test_ingest_url_list_from_s3_records_each_outcome(ray_session, s3_bucket, se
     assert sum(stats["downloads"].values()) == len(rows) - 1
     assert stats["downloads"]["http_404"] == 1 and stats["downloads"]["timeout"] == 1
     assert stats["downloads"]["ok"] == len(rows) - 1 - 3
+
+
+def test_an_endless_body_is_abandoned_at_the_size_cap(server: Server) -> None:
+    cfg = DownloadConfig(timeout_s=20.0, retries=0, max_bytes=200_000, allow_private_urls=True)
+    result = fetch(server.base + "/endless.jpg", cfg)
+    assert (result.outcome, result.reason, result.data) == ("too_large", "too_large", None)
+    assert server.abandoned.wait(timeout=60), "the client read on past the cap"
+
+
+def test_every_redirect_hop_is_checked(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Treat 127.0.0.1 as public and the rest of 127/8 as private: a redirect from the allowed
+    server to 127.0.0.2 is refused at that hop, one to file:// by its scheme; a redirect to the
+    same server is followed."""
+    from pipelines.data import download
+
+    monkeypatch.setattr(download, "is_public_address", lambda address: address == "127.0.0.1")
+    cfg = DownloadConfig(timeout_s=20.0, retries=1, backoff_s=0.01)
+    port = server.base.rsplit(":", 1)[1]
+    ok = fetch(f"{server.base}/redirect?to={server.base}/files/ok.jpg", cfg)
+    assert ok.outcome == "ok" and ok.data == (server.root / "ok.jpg").read_bytes()
+    inner = fetch(f"{server.base}/redirect?to=http://127.0.0.2:{port}/files/ok.jpg", cfg)
+    assert (inner.outcome, inner.reason) == ("private_address", "url_not_allowed")
+    assert "127.0.0.2" in inner.detail
+    local = fetch(f"{server.base}/redirect?to=file:///etc/hostname", cfg)
+    assert (local.outcome, local.reason) == ("bad_scheme", "url_not_allowed")
+    assert server.hits["/files/ok.jpg"] == 1  # the refused hops never reached a server
