@@ -56,8 +56,7 @@ class Chunk:
 
 
 def _chunks_of(path: str, rows_per_chunk: int) -> list[Chunk]:
-    fs, inner = storage.pyarrow_fs(path)
-    with fs.open_input_file(inner) as f:
+    with storage.open_input_file(path) as f:
         meta = pq.ParquetFile(f).metadata
     out = []
     for g in range(meta.num_row_groups):

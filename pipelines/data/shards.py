@@ -33,8 +33,7 @@ def read_shard_rows(
 
     wanted = pa.array(sorted(keep_keys), pa.string()) if keep_keys is not None else None
     for uri in batch["path"]:
-        fs, path = storage.pyarrow_fs(str(uri))
-        with fs.open_input_file(path) as f:
+        with storage.open_input_file(str(uri)) as f:
             shard = pq.ParquetFile(f)
             present = [c for c in columns if c in shard.schema_arrow.names]
             missing = [c for c in columns if c not in present]
@@ -58,8 +57,7 @@ def read_columns(data_uris: list[str], columns: tuple[str, ...]) -> pa.Table:
     tables = []
     for uri in data_uris:
         for shard in storage.list_files(storage.join(uri, "data"), ".parquet"):
-            fs, path = storage.pyarrow_fs(shard)
-            with fs.open_input_file(path) as f:
+            with storage.open_input_file(shard) as f:
                 parquet = pq.ParquetFile(f)
                 present = [c for c in columns if c in parquet.schema_arrow.names]
                 table = parquet.read(columns=present)
@@ -76,8 +74,7 @@ def read_columns(data_uris: list[str], columns: tuple[str, ...]) -> pa.Table:
 def _read_group(path: str, group: int, columns: tuple[str, ...]) -> pa.Table:
     from pipelines.data.records import DATA_SCHEMA
 
-    fs, inner = storage.pyarrow_fs(path)
-    with fs.open_input_file(inner) as f:
+    with storage.open_input_file(path) as f:
         parquet = pq.ParquetFile(f)
         present = [c for c in columns if c in parquet.schema_arrow.names]
         table = parquet.read_row_group(group, columns=present)
