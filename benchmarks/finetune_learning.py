@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pipelines.data.synth_tasks import render_task_annotations, task_baselines
+    from pipelines.synth.tasks import render_task_annotations, task_baselines
     from pipelines.tasks.base import EvalSetup
     from pipelines.train.config import parse_set_args
     from tests import finetune as ft

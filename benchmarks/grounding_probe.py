@@ -60,7 +60,7 @@ def colour_choice_rows(n: int, seed: int, size: int = 64) -> list[dict]:
     told by colour, where it is only by the image."""
     from PIL import Image, ImageDraw
 
-    from pipelines.data.synth import COLOURS
+    from pipelines.synth.world import COLOURS
 
     names = list(COLOURS)
     rng = np.random.default_rng(seed)
@@ -114,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    from pipelines.data.synth_tasks import render_task_annotations
+    from pipelines.synth.tasks import render_task_annotations
     from pipelines.train.config import parse_set_args
     from pipelines.train.init import load_run_weights
     from tests import finetune as ft

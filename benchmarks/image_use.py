@@ -110,7 +110,7 @@ def main() -> None:
     if args.num:
         import tempfile
 
-        from pipelines.data.synth_tasks import render_task_annotations
+        from pipelines.synth.tasks import render_task_annotations
 
         root = os.path.join(tempfile.mkdtemp(prefix="mplug-image-use-"), "data")
         files = render_task_annotations(root, num=args.num, seed=1, image_size=64)["caption"]

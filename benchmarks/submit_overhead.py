@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=120, help="synthetic scenes (80%% go to training)")
     args = parser.parse_args()
 
-    from pipelines.data.synth import render_corpus
+    from pipelines.synth.world import render_corpus
 
     work = Path(tempfile.mkdtemp(prefix="mplug-submit-bench-"))
     head = start_head(num_cpus=8)

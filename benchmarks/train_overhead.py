@@ -33,7 +33,7 @@ LR = {"lr": 5e-4, "visual_lr": 5e-4, "weight_decay": 0.02, "betas": (0.9, 0.999)
 
 def make_corpus(root: str, num: int, image_size: int) -> str:
     from pipelines.data.ingest import IngestConfig, run_ingest
-    from pipelines.data.synth import render_corpus
+    from pipelines.synth.world import render_corpus
 
     raw = render_corpus(os.path.join(root, "raw"), num=num, fmt="parquet", seed=0, image_size=96)
     out = os.path.join(root, "processed")

@@ -138,10 +138,10 @@ def _pipeline(args: argparse.Namespace, out: str, results: dict) -> int:
     """The stages; fills `results` (each stage's figures and its seconds in results["seconds"])."""
     from jobs.cli import CONFIG_DIR
     from pipelines import storage
-    from pipelines.data.synth import render_corpus
-    from pipelines.data.synth_tasks import render_task_annotations
     from pipelines.eval.evaluate import evaluate_task, format_result
     from pipelines.eval.retrieval import evaluate_retrieval, format_retrieval
+    from pipelines.synth.tasks import render_task_annotations
+    from pipelines.synth.world import render_corpus
     from pipelines.train.config import load_config
     from pipelines.train.launch import run_training
     from pipelines.tune.driver import best_trial_model, plan_search, run_search

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             f"--split-fractions {args.split_fractions!r}: expected three numbers like 0.8,0.1,0.1"
         ) from None
     if args.tasks is not None:
-        from pipelines.data.synth_tasks import render_task_annotations
+        from pipelines.synth.tasks import render_task_annotations
 
         tasks = _tasks(args.tasks, args.format, args.corrupt_per_kind)
         files = render_task_annotations(
@@ -106,14 +106,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"{task}: {uris[0] if len(uris) == 1 else ' '.join(uris)}")
         print(f"image root: {args.output}")
         if args.baselines:
-            from pipelines.data.synth_tasks import task_baselines
+            from pipelines.synth.tasks import task_baselines
 
             print("test-split baselines (percent; CIDEr-D on its 0-10 scale):")
             for task, figures in task_baselines(args.output, tasks).items():
                 print(f"  {task}: " + ", ".join(f"{name} {value:.2f}" for name, value in figures.items()))
         return 0
 
-    from pipelines.data.synth import render_corpus
+    from pipelines.synth.world import render_corpus
 
     splits = render_corpus(
         args.output,

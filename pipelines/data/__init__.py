@@ -1,1 +1,1 @@
-"""Ray Data ingestion, preprocessing, the synthetic corpus and the training stream."""
+"""Ray Data ingestion, preprocessing and the training stream (the synthetic world is `pipelines/synth`)."""

@@ -26,7 +26,7 @@ from PIL import Image
 from pipelines import storage
 from pipelines.data.download import DownloadConfig, fetch, fetch_all
 from pipelines.data.ingest import IngestConfig, run_ingest
-from pipelines.data.synth import corrupt_kinds, render_corpus
+from pipelines.synth.world import corrupt_kinds, render_corpus
 
 pytestmark = pytest.mark.integration
 

@@ -29,7 +29,7 @@ TASKS = ("vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve")
 
 @pytest.fixture(scope="module")
 def task_files(tmp_path_factory) -> tuple[str, dict]:
-    from pipelines.data.synth_tasks import render_task_annotations
+    from pipelines.synth.tasks import render_task_annotations
 
     root = str(tmp_path_factory.mktemp("tasks"))
     return root, render_task_annotations(root, num=30, seed=5, image_size=64, split_fractions=(0.0, 0.0, 1.0))

@@ -10,7 +10,7 @@ import pytest
 from pipelines import storage
 from pipelines.data.ingest import IngestConfig, run_ingest
 from pipelines.data.records import DATA_SCHEMA
-from pipelines.data.synth import render_corpus
+from pipelines.synth.world import render_corpus
 from tests.integration.test_pretrain import tiny_job
 
 pytestmark = pytest.mark.integration

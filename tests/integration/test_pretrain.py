@@ -31,7 +31,7 @@ def corpus_uri(ray_session, s3_endpoint, tmp_path_factory) -> str:
     import boto3
 
     from pipelines.data.ingest import IngestConfig, run_ingest
-    from pipelines.data.synth import render_corpus
+    from pipelines.synth.world import render_corpus
 
     bucket = "pretrain-corpus"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)

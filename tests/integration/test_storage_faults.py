@@ -17,7 +17,7 @@ import pytest
 
 from pipelines import storage
 from pipelines.data.ingest import IngestConfig, run_ingest
-from pipelines.data.synth import render_corpus
+from pipelines.synth.world import render_corpus
 from tests.faults import KINDS
 
 pytestmark = pytest.mark.integration

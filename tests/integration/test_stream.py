@@ -10,7 +10,7 @@ import pytest
 
 from pipelines.data.ingest import IngestConfig, run_ingest
 from pipelines.data.stream import collate_rows, training_dataset
-from pipelines.data.synth import render_corpus
+from pipelines.synth.world import render_corpus
 from pipelines.train.data_config import train_data_config
 
 pytestmark = pytest.mark.integration

@@ -93,7 +93,7 @@ def wait_until_started(client, job_id: str, proc: subprocess.Popen, deadline_s: 
 
 
 def test_pretraining_submitted_with_token_lands_in_s3_and_refusals_are_clear(head, s3_bucket, tmp_path):
-    from pipelines.data.synth import render_corpus
+    from pipelines.synth.world import render_corpus
 
     env = user_env(head, "file", tmp_path)
     outputs: list[str] = []

@@ -42,7 +42,7 @@ def vqa_search_inputs(ray_session, s3_endpoint, tmp_path_factory) -> dict:
     from mplug import MPlugConfig
     from mplug.vqa import MPlugForQuestionAnswering
     from pipelines.data.ingest import IngestConfig, run_ingest
-    from pipelines.data.synth_tasks import render_task_annotations
+    from pipelines.synth.tasks import render_task_annotations
 
     bucket = "tune-inputs"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)

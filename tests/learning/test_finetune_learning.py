@@ -39,7 +39,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    from pipelines.data.synth_tasks import render_task_annotations, task_baselines
+    from pipelines.synth.tasks import render_task_annotations, task_baselines
 
     work = str(tmp_path_factory.mktemp("learning"))
     root = os.path.join(work, "data")
@@ -127,7 +127,7 @@ def test_nlvr2_beats_the_majority_label(world: World) -> None:
 
 @pytest.mark.timeout(2400)  # ~23 min of the suite's ~50 (6,000 steps and 1,465 evaluations)
 def test_grounding_beats_always_pointing_at_the_largest_object(world: World, tmp_path) -> None:
-    from pipelines.data.synth_tasks import render_task_annotations, task_baselines
+    from pipelines.synth.tasks import render_task_annotations, task_baselines
 
     # Its own, larger pool: the decoder learns to find a named object among 2-4 only after
     # ~1,500 steps, and 2,456 expressions for that many steps are learnt by heart.

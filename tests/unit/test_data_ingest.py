@@ -28,7 +28,7 @@ from pipelines.data.ingest import (
     stage_c,
 )
 from pipelines.data.records import DATA_SCHEMA
-from pipelines.data.synth import render_corpus
+from pipelines.synth.world import render_corpus
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.data.synth import COLOURS, SHAPES, corrupt_kinds, render_corpus, render_scene, split_scenes
+from pipelines.synth.world import COLOURS, SHAPES, corrupt_kinds, render_corpus, render_scene, split_scenes
 
 pytestmark = pytest.mark.unit
 

@@ -14,9 +14,8 @@ from PIL import Image
 
 from jobs.cli import main as cli_main
 from jobs.synth_cmd import TASK_NAMES
-from pipelines.data import synth_language as lang
-from pipelines.data.synth import COLOURS, SHAPES
-from pipelines.data.synth_tasks import (
+from pipelines.synth import language as lang
+from pipelines.synth.tasks import (
     SNLI_LABELS,
     TASKS,
     largest_object_accuracy,
@@ -26,6 +25,7 @@ from pipelines.data.synth_tasks import (
     render_task_annotations,
     task_baselines,
 )
+from pipelines.synth.world import COLOURS, SHAPES
 
 pytestmark = pytest.mark.unit
 SIZE = 64

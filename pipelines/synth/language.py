@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.data.synth import COLOURS, SHAPES
+from pipelines.synth.world import COLOURS, SHAPES
 
 Obj = Mapping[str, Any]
 

@@ -43,8 +43,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipelines import storage
-from pipelines.data import synth_language as lang
-from pipelines.data.synth import (
+from pipelines.synth import language as lang
+from pipelines.synth.world import (
     COLOURS,
     SHAPES,
     SPLITS,

@@ -9,8 +9,8 @@ the way each producer writes it; `corrupt_per_kind` adds a known number of bad r
 kind to the train split and lists them in `{output}/train_corrupt.json` (key → expected reason).
 
 The finetuning tasks' images and official annotation files (VQA, Karpathy captions, retrieval,
-grounding, NLVR2, SNLI-VE) are rendered by `pipelines.data.synth_tasks`, from these drawing
-primitives; `pipelines.data.synth_language` says what their sentences mean.
+grounding, NLVR2, SNLI-VE) are rendered by `pipelines.synth.tasks`, from these drawing
+primitives; `pipelines.synth.language` says what their sentences mean.
 """
 
 from __future__ import annotations
