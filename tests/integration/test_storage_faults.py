@@ -34,7 +34,7 @@ def test_each_client_retries_through_every_fault_kind(s3_bucket, s3_faults) -> N
         "s3", config=botocore.config.Config(**storage.retry_settings().botocore_config_kwargs())
     )
     fs, _ = storage.fsspec_fs(s3_bucket.uri())
-    s3_faults.reset()  # count from here: the writes above met no fault
+    before = s3_faults.requests  # the writes above met no fault
     with s3_faults.every(2):  # every other request fails, the three kinds in turn
         for _ in range(2):
             assert storage.read_bytes(s3_bucket.uri("obj.bin")) == payload
@@ -45,10 +45,14 @@ def test_each_client_retries_through_every_fault_kind(s3_bucket, s3_faults) -> N
         assert storage.list_files(s3_bucket.uri()) == [s3_bucket.uri("obj.bin"), s3_bucket.uri("tiny.json")]
     state = s3_faults.state()
     assert all(state["injected"][kind] > 0 for kind in KINDS), state
-    assert state["injected"]["total"] == state["requests"] // 2
+    assert state["injected"]["total"] == (state["requests"] - before) // 2
     # Off means off: the counts stay, nothing more is injected.
     storage.read_bytes(s3_bucket.uri("obj.bin"))
     assert s3_faults.injected == state["injected"]
+    # first_attempts(k): each distinct request (here the read's HEAD and GET) fails k times, then passes.
+    with s3_faults.first_attempts(2, kinds=("503",)):
+        assert storage.read_bytes(s3_bucket.uri("obj.bin")) == payload
+    assert s3_faults.injected["503"] == state["injected"]["503"] + 4
 
 
 def _rows(out: str) -> list[dict]:
