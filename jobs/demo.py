@@ -3,12 +3,18 @@
 synthetic shapes world → Ray Data ingest → 2-worker Ray Train pretraining of mPLUG-tiny →
 zero-shot retrieval beside chance → Ray Tune search over a finetuning task (ASHA, two trials at a
 time) → `mplug evaluate` of the best trial on held-out data beside the task's baseline.
+
+Sized for 2 CPU cores. A trial's cold start (its Tune actor, Train controller and worker each a
+new process importing torch, the Train worker group, the first evaluation) took ~45-57 s beside
+~100 s of training and evaluation; trials are CPU-bound, so 4 at a time took as long as 2 at a
+time (309 s vs 262 s for 4 trials): the default search is 2 trials at once (141 s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -44,8 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=2, metavar="N", help="pretraining Ray Train workers")
     p.add_argument("--image-size", type=int, default=64, metavar="PX", help="image side the model sees")
     p.add_argument("--task", default="snli_ve", choices=DEMO_TASKS, help="the finetuning task tuned")
-    p.add_argument("--trials", type=int, default=4, metavar="N",
-                   help="Tune trials (ASHA stops the weak ones early)")  # fmt: skip
+    p.add_argument("--trials", type=int, default=2, metavar="N",
+                   help="Tune trials, 2 at a time (ASHA stops the weak ones early)")  # fmt: skip
     p.add_argument(
         "--trial-epochs", type=int, default=3, metavar="N", help="finetuning epochs of a full trial"
     )
@@ -86,7 +92,13 @@ def quiet_output(plain: bool) -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # read by every worker process
     if plain:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-        sys.stdout, sys.stderr = _PlainText(sys.stdout), _PlainText(sys.stderr)
+        wrapped = {id(sys.stdout): _PlainText(sys.stdout), id(sys.stderr): _PlainText(sys.stderr)}
+        # Loggers set up at import (Ray's) hold the streams themselves: they write through it too.
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for handler in (h for lg in loggers for h in getattr(lg, "handlers", [])):
+            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in wrapped:
+                handler.setStream(wrapped[id(handler.stream)])
+        sys.stdout, sys.stderr = wrapped[id(sys.stdout)], wrapped[id(sys.stderr)]
 
 
 def _stage(title: str) -> float:

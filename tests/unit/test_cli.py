@@ -302,6 +302,7 @@ def test_error_line_is_one_line():
 # ---- the demo's output --------------------------------------------------------------------------------
 def test_demo_output_to_a_file_has_no_terminal_control_sequences(monkeypatch):
     import io
+    import logging
     import os
     import sys
 
@@ -317,9 +318,17 @@ def test_demo_output_to_a_file_has_no_terminal_control_sequences(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(sys, "stdout", io.StringIO())
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    quiet_output(plain=True)  # output to a file: Ray's workers inherit these when it starts
-    assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and os.environ["RAY_COLOR_PREFIX"] == "0"
-    assert isinstance(sys.stdout, _PlainText) and isinstance(sys.stderr, _PlainText)
+    handler = logging.StreamHandler(sys.stderr)  # as Ray's logger holds the stream it started with
+    logger = logging.getLogger("test_cli.ray_like")
+    logger.addHandler(handler)
+    try:
+        quiet_output(plain=True)  # output to a file: Ray's workers inherit these when it starts
+        assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and os.environ["RAY_COLOR_PREFIX"] == "0"
+        assert isinstance(sys.stdout, _PlainText) and isinstance(sys.stderr, _PlainText)
+        logger.warning("View the dashboard at \x1b[1m\x1b[32mhttp://127.0.0.1:8265\x1b[39m\x1b[22m")
+        assert sys.stderr._stream.getvalue() == "View the dashboard at http://127.0.0.1:8265\n"
+    finally:
+        logger.removeHandler(handler)
 
 
 # ---- env and the packaged tokenizer ---------------------------------------------------------------------
