@@ -44,6 +44,7 @@ FLAG_KEYS = {
     "lr": "optim.lr",
     "checkpoint_every": "run.checkpoint_every",
     "max_failures": "run.max_failures",
+    "tracking": "run.tracking",
 }
 
 COMMON = "Relaunching the same command resumes the run from its latest checkpoint in STORAGE/NAME."
@@ -100,6 +101,9 @@ def add_job_arguments(p: argparse.ArgumentParser, configs: list[str]) -> None:
                    help=f"steps between checkpoints ({_from_config('checkpoint_every')})")  # fmt: skip
     p.add_argument("--max-failures", type=int, metavar="N",
                    help=f"worker-group restarts from the last checkpoint; -1: unlimited ({_from_config('max_failures')})")  # fmt: skip
+    p.add_argument("--tracking", action="append", choices=["mlflow", "tensorboard", "wandb"],
+                   help="log to an experiment tracker from rank 0; repeat for several (MLflow reads "
+                   f"MLFLOW_TRACKING_URI; docs/tracking.md) ({_from_config('tracking')})")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config key, e.g. optim.warmup_steps=50; repeat")  # fmt: skip
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a new local instance)")

@@ -116,6 +116,12 @@ class RunSection(_Strict):
     # Write the keys of the rows each rank trained on with every checkpoint (RUN/samples/).
     log_sample_keys: bool = False
     seed: int = 0
+    # Experiment trackers world rank 0 logs to (docs/tracking.md). `tracking_experiment`: the
+    # MLflow experiment / W&B project (default: the run name; `mplug tune`: the search name).
+    # `tracking_parent`: set by `mplug tune` for its trials (the search's MLflow run they nest under).
+    tracking: list[Literal["mlflow", "tensorboard", "wandb"]] = Field(default_factory=list)
+    tracking_experiment: str | None = None
+    tracking_parent: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -123,6 +129,11 @@ class RunSection(_Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
             raise ValueError(f"run.name={v!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
         return v
+
+    @field_validator("tracking")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        return list(dict.fromkeys(v))  # `--tracking mlflow` given twice logs once
 
     @model_validator(mode="after")
     def _length_given(self) -> RunSection:

@@ -30,6 +30,14 @@ _FORWARDED_ENV = (
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "STORAGE_EMULATOR_HOST",
+    # Experiment tracking (pipelines/train/tracking.py): where to, not who (tokens and API keys too
+    # are the cluster's own).
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "WANDB_MODE",
+    "WANDB_ENTITY",
+    "WANDB_BASE_URL",
 )
 
 
@@ -92,10 +100,12 @@ def plan_run(job: TrainConfig) -> TrainPlan:
     """Everything a run needs, checked before Ray or any worker starts; raises ConfigError."""
     from pipelines.tasks import task_class
     from pipelines.train.init import check_sources, resolve_init
+    from pipelines.train.tracking import check_tracking
 
     job = absolute_paths(job)
     cls = task_class(job.task)
     check_placeholders(job.model_dump(mode="json"))  # a shipped `CHANGE-ME` names the flag to pass
+    check_tracking(job.run.tracking)  # a missing package or tracking URI, before Ray starts
     if not job.data.uris:
         raise ConfigError("data.uris is empty: pass --data URI (an output of `mplug ingest`)")
     model_cfg = build_model_config(job)
