@@ -16,6 +16,7 @@ code when unpickled), safetensors, JSON and CSV.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import random
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -31,6 +33,7 @@ OPTIM_FILE = "optimizer.pt"
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
+MANIFEST_FILE = "manifest.json"  # written last: the checkpoint is complete
 
 
 @dataclass
@@ -130,6 +133,7 @@ def load_state(directory: Path, *, rank: int) -> LoadedCheckpoint:
     """Read a checkpoint (nothing in it can run code: see the module docstring). The caller
     applies the model/optimizer state and restores the RNG (`set_rng_state`) when it is ready to
     continue drawing from it."""
+    verify_checkpoint(directory)
     model_state = load_file(directory / MODEL_FILE)
     optim_state = torch.load(directory / OPTIM_FILE, map_location="cpu", weights_only=True)
     meta = json.loads((directory / STATE_FILE).read_text())
@@ -141,17 +145,95 @@ def load_state(directory: Path, *, rank: int) -> LoadedCheckpoint:
     return LoadedCheckpoint(model_state, optim_state, TrainState(history=history, **meta), rng)
 
 
-def checkpointed_strategy(run_uri: str) -> str | None:
-    """`scaling.strategy` of the latest checkpoint under `run_uri` (a run folder), or None when
-    the run has none yet. Checkpoint folders are `checkpoint_<step, 8 digits>`: names sort by step."""
+class CheckpointError(RuntimeError):
+    """A checkpoint that could not be written completely, or one read back that is incomplete."""
+
+
+def file_digest(path: Path) -> dict[str, int | str]:
+    """{"bytes": size, "sha256": hex digest} of a local file, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def upload_checkpoint(local: Path, uri: str, comm) -> None:
+    """Write this rank's files of one checkpoint from `local` to `uri`, verify each one's size in
+    the store, and once every rank's files are in, have rank 0 write `manifest.json` (every
+    file's size and sha256) last: the mark of a complete checkpoint, which `load_state` checks.
+    A write that fails after the storage client's retries fails on every rank together (a rank
+    alone would leave the others waiting) with one line naming the checkpoint's URI."""
     from pipelines import storage
 
-    states = [
-        uri
-        for uri in storage.list_files(run_uri, "/" + STATE_FILE)
+    mine: dict[str, dict] = {}
+    failure = None
+    try:
+        fs, root = storage.pyarrow_fs(uri)
+        if not storage.is_remote(uri):  # object stores need no folders
+            storage.ensure_dir(uri)
+        for path in sorted(p for p in local.iterdir() if p.is_file()):
+            mine[path.name] = file_digest(path)
+            target = storage.join(uri, path.name)
+            with storage.guard(target, "write"):
+                pafs.copy_files(str(path), f"{root}/{path.name}", source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=fs)  # fmt: skip
+            written = storage.file_size(target)
+            if written != mine[path.name]["bytes"]:
+                raise CheckpointError(f"{target} holds {written} bytes of {mine[path.name]['bytes']}")
+    except Exception as err:  # reported below, on every rank
+        failure = f"{type(err).__name__}: {_first_line(err)}"
+    parts = comm.gather((mine, failure))
+    verdict = None
+    if parts is not None:  # rank 0: every rank's files are in (or one failed)
+        failures = [f for _, f in parts if f]
+        if not failures:
+            files = {name: digest for part, _ in parts for name, digest in part.items()}
+            try:
+                storage.write_text(storage.join(uri, MANIFEST_FILE), json.dumps({"files": files}, indent=1))
+            except Exception as err:  # reported below, on every rank
+                failures.append(f"{type(err).__name__}: {_first_line(err)}")
+        verdict = failures[0] if failures else None
+    verdict = comm.broadcast(verdict)
+    if verdict is not None:
+        raise CheckpointError(f"could not write checkpoint {uri}: {verdict}")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Refuse a checkpoint that is not complete: no manifest (its writing stopped before the
+    end), or a file missing or unlike what the manifest says."""
+    manifest = directory / MANIFEST_FILE
+    if not manifest.exists():
+        raise CheckpointError(
+            f"checkpoint {directory} has no {MANIFEST_FILE}: it was not written completely (or predates "
+            "manifests); start a new run with another --name, or delete this checkpoint folder"
+        )
+    for name, expected in json.loads(manifest.read_text())["files"].items():
+        path = directory / name
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {directory}: {name} is missing")
+        if file_digest(path) != expected:
+            raise CheckpointError(f"checkpoint {directory}: {name} differs from what was written")
+
+
+def checkpointed_strategy(run_uri: str) -> str | None:
+    """`scaling.strategy` of the latest complete checkpoint under `run_uri` (a run folder), or None
+    when the run has none yet. Checkpoint folders are `checkpoint_<step, 8 digits>`: names sort
+    by step; one without its manifest was never completed and is not the run's."""
+    from pipelines import storage
+
+    complete = [
+        uri.rsplit("/", 1)[0]
+        for uri in storage.list_files(run_uri, "/" + MANIFEST_FILE)
         if uri.rsplit("/", 2)[-2].startswith("checkpoint_")
     ]
-    if not states:
+    if not complete:
         return None
-    latest = max(states, key=lambda uri: uri.rsplit("/", 2)[-2])
-    return json.loads(storage.read_text(latest)).get("strategy", "ddp")
+    latest = max(complete, key=lambda uri: uri.rsplit("/", 1)[-1])
+    return json.loads(storage.read_text(storage.join(latest, STATE_FILE))).get("strategy", "ddp")

@@ -23,6 +23,7 @@ import random
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -395,7 +396,23 @@ def log_and_report(w: Worker, row: dict[str, float], checkpoint: bool) -> None:
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+            checkpoint_upload_fn=partial(_upload_checkpoint, w),
         )
+
+
+def _upload_checkpoint(w: Worker, checkpoint, dir_name: str):
+    """Ray Train's upload step, ours: write, verify, then mark complete (`upload_checkpoint`);
+    Ray registers the checkpoint, the one a resume restores, only after this returns."""
+    import ray.train
+
+    from pipelines import storage
+    from pipelines.distributed import TorchCollective
+    from pipelines.train.checkpoint import upload_checkpoint
+
+    uri = storage.join(w.plan.run_uri, dir_name)
+    upload_checkpoint(Path(checkpoint.path), uri, TorchCollective())
+    fs, path = storage.pyarrow_fs(uri)
+    return ray.train.Checkpoint(path=path, filesystem=fs)
 
 
 def _eval_line(row: dict[str, float]) -> str:

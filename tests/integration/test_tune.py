@@ -66,8 +66,8 @@ def _command(inputs: dict, storage_uri: str, address: str) -> list[str]:
         sys.executable, "-m", "jobs.cli", "tune", "--task", "vqa", "--config", "finetune_vqa_tiny",
         "--space", inputs["space"], "--data", inputs["data"]["train"], "--eval-data", inputs["data"]["val"],
         "--storage", storage_uri, "--name", "search", "--init", inputs["init"], "--num-samples", "1",
-        "--max-concurrent", "2", "--scheduler", "asha", "--num-workers", "1", "--batch-size", "16",
-        "--epochs", "2", "--set", "optim.min_lr=0", "--set", "optim.warmup_steps=0",
+        "--max-concurrent", "2", "--scheduler", "asha", "--num-workers", "1", "--batch-size", "4",
+        "--epochs", "2", "--set", "optim.min_lr=0", "--set", "optim.warmup_steps=0", "--set", "run.log_every=2",
         "--set", f"vqa.answer_list={inputs['data']['answer_list']}",
         "--set", "run.checkpoint_every=10000", "--address", address,
     ]  # fmt: skip
@@ -91,6 +91,40 @@ def _finished_trials(storage_uri: str) -> dict[str, float]:
                 done[meta["trial_id"]] = run["start_time"]
         return done
     return {}
+
+
+def _reported(storage_uri: str) -> dict[str, list[dict]]:
+    """What each trial reported to Tune (its result.json lines), by trial id, in order."""
+    out: dict[str, list[dict]] = {}
+    for uri in storage.list_files(storage.join(storage_uri, "search"), "result.json"):
+        for line in storage.read_text(uri).splitlines():
+            row = json.loads(line)
+            out.setdefault(row["trial_id"], []).append(row)
+    return out
+
+
+def _check_reports_carry_the_newest_evaluation(storage_uri: str, results: list[dict]) -> None:
+    """Every report a trial made carries the newest evaluation of its run's metrics.csv at that
+    step; the first report at epoch N carries epoch N's; results.csv's best is the best of them."""
+    from pipelines.train.checkpoint import history_from_csv
+
+    metric = "eval_vqa_accuracy"
+    reported, changed = _reported(storage_uri), False
+    for trial in results:
+        rows = reported[trial["trial"]]
+        curve = storage.read_text(storage.join(storage_uri, "search", trial["trial"], "metrics.csv"))
+        evals = [r for r in history_from_csv(curve) if metric in r]
+        assert sum(1 for r in rows if "loss" in r and r["epoch"] < 1) >= 3, rows  # several logs per epoch
+        changed = changed or len({r[metric] for r in evals}) > 1
+        for row in rows:
+            newest = [e for e in evals if e["step"] <= row["step"]][-1]
+            assert row[metric] == pytest.approx(newest[metric]), (row, newest)
+            assert row["eval_epoch"] == newest["epoch"], (row, newest)
+        for n in range(1, int(max(r["epoch"] for r in rows)) + 1):
+            first = next(r for r in rows if r["epoch"] >= n)
+            assert first["eval_epoch"] == n and first["epoch"] == n, first
+        assert float(trial[f"best_{metric}"]) == pytest.approx(max(e[metric] for e in evals))
+    assert changed, "no trial's metric changed between evaluations: a stale one would pass unseen"
 
 
 def test_search_survives_its_driver_and_leaves_nothing_behind(vqa_search_inputs, s3_bucket, tmp_path):
@@ -132,6 +166,13 @@ def test_search_survives_its_driver_and_leaves_nothing_behind(vqa_search_inputs,
     finished_after = _finished_trials(storage_uri)
     for trial, started in finished_before.items():  # finished before the kill: not run again
         assert finished_after[trial] == started
+    import csv
+    import io
+
+    finished_first = [
+        r for r in csv.DictReader(io.StringIO("\n".join(results))) if r["trial"] in finished_before
+    ]
+    _check_reports_carry_the_newest_evaluation(storage_uri, finished_first)
     assert storage.read_bytes(storage.join(storage_uri, "search", "search.png"))[:4] == b"\x89PNG"
     best_yaml = storage.join(storage_uri, "search", "best.yaml")
     assert re.search(r"lr: 0\.001\b", storage.read_text(best_yaml))  # the strong trial

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipelines.distributed import Collective
 from pipelines.train.checkpoint import (
     TrainState,
     history_from_csv,
@@ -16,6 +17,7 @@ from pipelines.train.checkpoint import (
     load_state,
     save_state,
     set_rng_state,
+    upload_checkpoint,
 )
 from pipelines.train.metrics import StepMeter, format_step_line
 from pipelines.train.optim import build_optimizer, lr_factor, param_groups
@@ -101,8 +103,10 @@ def test_checkpoint_roundtrip_restores_everything(tmp_path):
     save_state(tmp_path, rank=1, model_state=None, optim_state=None, state=state)
     expected = (torch.rand(3), np.random.rand(), random.random())
 
+    stored = tmp_path.with_name(tmp_path.name + "-stored")  # as the loop uploads it: manifest last
+    upload_checkpoint(tmp_path, str(stored), Collective())
     torch.manual_seed(0)
-    loaded = load_state(tmp_path, rank=0)
+    loaded = load_state(stored, rank=0)
     set_rng_state(loaded.rng)  # the loop restores it when it is ready to draw
     assert (
         torch.equal(torch.rand(3), expected[0])

@@ -1,0 +1,57 @@
+"""A checkpoint is written, verified, then marked complete (its manifest, written last); one that
+is not complete, or whose files changed after writing, is refused when read back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.distributed import Collective
+from pipelines.train.checkpoint import CheckpointError, upload_checkpoint, verify_checkpoint
+
+pytestmark = pytest.mark.unit
+
+
+def _local_checkpoint(tmp_path: Path) -> Path:
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "model.safetensors").write_bytes(b"weights" * 100)
+    (local / "train_state.json").write_text(json.dumps({"step": 3}))
+    return local
+
+
+def test_a_written_checkpoint_carries_a_manifest_of_every_file(tmp_path) -> None:
+    target = tmp_path / "runs" / "checkpoint_00000003"
+    upload_checkpoint(_local_checkpoint(tmp_path), str(target), Collective())
+    manifest = json.loads((target / "manifest.json").read_text())["files"]
+    assert manifest["model.safetensors"]["bytes"] == 700 and set(manifest) == {
+        "model.safetensors",
+        "train_state.json",
+    }
+    verify_checkpoint(target)  # complete
+
+
+def test_an_incomplete_or_altered_checkpoint_is_refused(tmp_path) -> None:
+    target = tmp_path / "checkpoint_00000003"
+    upload_checkpoint(_local_checkpoint(tmp_path), str(target), Collective())
+    (target / "model.safetensors").write_bytes(b"weights" * 99)  # a file cut short
+    with pytest.raises(CheckpointError, match="model.safetensors differs"):
+        verify_checkpoint(target)
+    (target / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        verify_checkpoint(target)
+    (target / "manifest.json").unlink()  # the writing stopped before its end
+    with pytest.raises(CheckpointError, match="not written completely"):
+        verify_checkpoint(target)
+
+
+def test_a_checkpoint_that_cannot_be_written_fails_in_one_line_naming_it(tmp_path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the run folder should be")
+    target = str(blocked / "checkpoint_00000003")
+    with pytest.raises(CheckpointError) as err:
+        upload_checkpoint(_local_checkpoint(tmp_path), target, Collective())
+    message = str(err.value)
+    assert message.startswith(f"could not write checkpoint {target}: ") and "\n" not in message
