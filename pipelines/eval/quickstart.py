@@ -28,8 +28,14 @@ from torch import nn
 from pipelines import storage
 from pipelines.tasks.base import Task
 
-# The tasks that produce text for one image (`mplug infer` covers the same two).
-TASKS = ("caption", "vqa")
+
+def _text_tasks() -> tuple[str, ...]:
+    """The tasks that produce text for one image: those `mplug infer` serves (`batch_inference`)."""
+    from pipelines.tasks import TASKS as REGISTRY
+    from pipelines.tasks import task_class
+
+    return tuple(name for name in REGISTRY if task_class(name).batch_inference)
+
 
 ImageLike = str | os.PathLike | bytes | Image.Image
 
@@ -99,8 +105,8 @@ class Predictor:
         from pipelines.train.init import init_architecture, load_run_weights, resolve_init
         from pipelines.train.launch import build_model_config
 
-        if task not in TASKS:
-            raise ValueError(f"task {task!r}: the quickstart captions or answers; valid tasks: {TASKS}")
+        if task not in _text_tasks():
+            raise ValueError(f"task {task!r}: the quickstart captions or answers; valid tasks: {_text_tasks()}")
         where = torch.device(device) if device is not None else default_device()
         source = resolve_init(os.fspath(model))
         if source.kind == "official":
@@ -149,12 +155,13 @@ class Predictor:
         from pipelines.data.transforms import objects
 
         name = self.task.name
-        if name == "vqa" and (questions is None or len(questions) != len(images)):
+        asks = "question" in self.task.columns  # the task answers a question about each image
+        if asks and (questions is None or len(questions) != len(images)):
             raise ValueError(
-                f"vqa answers one question per image: {len(images)} images, "
+                f"{name} answers one question per image: {len(images)} images, "
                 f"{'no' if questions is None else len(questions)} questions"
             )
-        if name != "vqa" and questions is not None:
+        if not asks and questions is not None:
             raise ValueError(f"task {name!r} takes no questions")
         if questions is not None and not all(isinstance(q, str) and q.strip() for q in questions):
             raise ValueError(f"every question must be non-empty text, got {list(questions)!r}")
@@ -170,6 +177,5 @@ class Predictor:
         batch = {"key": objects(keys), "image": objects(jpegs),
                  "question": objects(list(questions) if questions is not None else [None] * len(jpegs))}  # fmt: skip
         rows = self.task.predict(self.model, to_device(collate_rows(self._transform(batch)), self.device))
-        field, id_field = ("answer", "question_id") if name == "vqa" else ("caption", "image_id")
-        by_key = {str(row[id_field]): row[field] for row in rows}
+        by_key = {str(row["key"]): row["prediction"] for row in self.task.inference_rows(rows)}
         return [by_key[k] for k in keys]

@@ -136,7 +136,7 @@ def test_official_checkpoint_needs_its_size_and_loads_every_tensor(tmp_path) -> 
 
 
 def test_misuse_is_an_error_naming_the_value(models) -> None:
-    with pytest.raises(ValueError, match="'grounding'.*valid tasks: \\('caption', 'vqa'\\)"):
+    with pytest.raises(ValueError, match="'grounding'.*valid tasks: \\('vqa', 'caption'\\)"):
         Predictor.load("grounding", models["cap"])
     with pytest.raises(ValueError, match="preset= and image_size= are for official checkpoints"):
         Predictor.load("caption", models["cap"], preset="base")
