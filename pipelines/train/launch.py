@@ -249,7 +249,8 @@ def build_trainer(
             transform_tasks=tasks, row_bytes=row_bytes, keep_keys=task.eval_setup(job.data.eval_uris).keys,
         )  # fmt: skip
     fs, path = storage.pyarrow_fs(storage_uri or job.run.storage)
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    # The storage retry settings too (storage.SETTINGS_ENV): workers retry as the driver does.
+    env = {**{k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}, **storage.settings_env()}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": asdict(plan), "chunks": chunks, "transform_tasks": max(1, tasks // hi)},
