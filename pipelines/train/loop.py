@@ -146,6 +146,7 @@ class Worker:
     eval_setup: Any = None  # the task's EvalSetup, read once on rank 0
     exported: bool = False
     peak: float | None = None
+    tracker: Any = None  # pipelines/train/tracking.Tracker: on world rank 0, with run.tracking
 
     @property
     def global_batch(self) -> int:
@@ -173,6 +174,8 @@ def train_loop_per_worker(config: dict) -> None:
         run_epoch(w)
     if not w.exported:
         export_final(w)
+    if w.tracker is not None:
+        w.tracker.finish()
 
 
 # ---- 1. start or resume --------------------------------------------------------------------------
@@ -233,6 +236,12 @@ def start_or_resume(config: dict) -> Worker:
     _announce_worker_group(w, checkpoint_world)
     if job.run.log_sample_keys:
         w.samples = SampleLog(plan.run_uri, rank)
+    if rank == 0 and job.run.tracking:  # the tracked run, found again after a restart
+        from pipelines.train.tracking import Tracker
+
+        w.tracker = Tracker.for_plan(plan)
+        if w.tracker is not None:
+            w.tracker.start(plan, resumed_from_step=state.step if checkpoint is not None else None)
     if rng is not None and checkpoint_world == world:
         set_rng_state(rng)
     else:  # a new run, or a worker group of another size: fresh per-rank streams
@@ -367,6 +376,8 @@ def log_and_report(w: Worker, row: dict[str, float], checkpoint: bool) -> None:
     if evaluated:  # the history keeps an evaluation in the row of its step
         row = {**row, **{k: v for k, v in w.latest_eval.items() if k not in ("eval_epoch", "eval_step")}}
     state.history.append(row)
+    if w.tracker is not None:  # each step once: a resumed run skips what the tracker holds
+        w.tracker.log_metrics(row, int(row["step"]))
     if w.rank == 0:
         line = format_step_line(row, w.plan.total_steps) if "loss" in row else _eval_line(row)
         log.info("[mplug] " + line)
@@ -498,6 +509,8 @@ def export_final(w: Worker) -> None:
         for path in sorted(Path(tmp).iterdir()):
             storage.write_bytes(storage.join(final_uri, path.name), path.read_bytes())
     log.info(f"[mplug] exported final model (step {w.state.step}) to {final_uri}")
+    if w.tracker is not None:
+        w.tracker.log_final_model(final_uri)
 
 
 # ---- data ------------------------------------------------------------------------------------------

@@ -159,7 +159,6 @@ class RunInfo:
     params: dict[str, str]
     tags: dict[str, str] = field(default_factory=dict)
     parent_run_id: str | None = None  # a Tune trial: its search's MLflow run
-    group: str | None = None  # a Tune trial: its search's name (W&B group)
 
     @property
     def key(self) -> str:
@@ -171,7 +170,6 @@ class RunInfo:
         run = plan.job["run"]
         tags = {"mplug.task": plan.task, "mplug.run_name": run["name"], "mplug.run_uri": plan.run_uri}
         tags.update(code_and_job_tags())
-        parent = run.get("tracking_parent")
         return cls(
             run_uri=plan.run_uri,
             run_name=run["name"],
@@ -179,8 +177,7 @@ class RunInfo:
             experiment=run.get("tracking_experiment") or run["name"],
             params=flatten_config(plan.job),
             tags=tags,
-            parent_run_id=parent,
-            group=plan.run_uri.rstrip("/").rsplit("/", 2)[-2] if parent else None,
+            parent_run_id=run.get("tracking_parent"),
         )
 
 
@@ -360,6 +357,7 @@ class TensorBoardBackend(Backend):
         last = last_event_step(storage.join(info.run_uri, "tensorboard"))
         self.dir = _MirroredDir(info.run_uri, "tensorboard")
         self.writer = self._writer_class(log_dir=self.dir.local)
+        self.written = last
         if last < 0:
             table = "\n".join(f"| {k} | {v} |" for k, v in info.params.items())
             self.writer.add_text("config", "| key | value |\n|---|---|\n" + table, 0)
@@ -368,8 +366,10 @@ class TensorBoardBackend(Backend):
 
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         for step, row in rows:
-            for key, value in metric_values(row).items():
-                self.writer.add_scalar(key, value, step)
+            if step > self.written:  # written already when only the upload failed
+                for key, value in metric_values(row).items():
+                    self.writer.add_scalar(key, value, step)
+                self.written = step
         self._flush()
 
     def log_final_model(self, uri: str) -> None:
@@ -427,17 +427,24 @@ class WandbBackend(Backend):
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
         self.dir = _MirroredDir(info.run_uri, "wandb")
         self.run = self.wandb.init(
-            project=info.experiment, name=info.run_name, id=info.key, resume="allow", group=info.group,
+            project=info.experiment, name=info.run_name, id=info.key, resume="allow",
             job_type=info.task, config=info.params, tags=[info.task], dir=os.path.dirname(self.dir.local),
             mode=mode, reinit="create_new", settings=self.wandb.Settings(console="off", silent=True),
         )  # fmt: skip
         self.dir.sync()
+        if mode == "offline":
+            log.info(
+                f"[mplug] wandb: offline (no login here); `wandb sync` uploads {self.dir.remote}/offline-run-*"
+            )
         # Resumed online, W&B says where the run's history ends; offline it cannot tell.
-        return self.run.step - 1 if self.run.resumed else -1
+        self.written = self.run.step - 1 if self.run.resumed else -1
+        return self.written
 
     def log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         for step, row in rows:
-            self.run.log(metric_values(row), step=step)
+            if step > self.written:  # written already when only the upload failed
+                self.run.log(metric_values(row), step=step)
+                self.written = step
         self.dir.sync()
 
     def log_final_model(self, uri: str) -> None:
@@ -473,8 +480,9 @@ def make_backend(name: str) -> Backend:
 
 # ---- the tracker the loop holds ----------------------------------------------------------------------
 class _Guarded:
-    """One backend behind a fence: the first failure is reported in one line, the rows it could
-    not take are kept (up to `max_pending`), and it is tried again `retry_s` seconds later."""
+    """One backend behind a fence: its first failure is reported in one line, the rows it could
+    not take are kept (up to `max_pending`, in order) and it is tried again `retry_s` seconds
+    later; rows go one call each, so a retry never repeats a row the backend took."""
 
     def __init__(
         self, backend: Backend, retry_s: float, clock: Callable[[], float], max_pending: int
@@ -484,35 +492,37 @@ class _Guarded:
         self.last_logged = -1
         self.pending: list[tuple[int, dict[str, float]]] = []
         self.final_model: str | None = None
-        self.down_since: float | None = None
+        self.failed_at: float | None = None  # when the last call failed; None: the backend answers
         self.dropped = 0
 
-    def call(self, what: str, fn: Callable[[], Any]) -> bool:
-        """Run `fn` unless the backend is down and not due for a retry; False when it failed."""
+    def call(self, what: str, fn: Callable[[], Any], force: bool = False) -> bool:
+        """Run `fn` unless the backend is down and not due for a retry (`force`: try anyway);
+        False when it did not run or failed."""
         now = self.clock()
-        if self.down_since is not None and now - self.down_since < self.retry_s:
+        if self.failed_at is not None and not force and now - self.failed_at < self.retry_s:
             return False
         try:
             fn()
         except Exception as err:  # any backend error: tracking never fails the run
-            if self.down_since is None:
-                first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+            if self.failed_at is None:  # once per outage
+                text = str(err).strip()
                 log.warning(
-                    f"[mplug] tracking: {self.backend.name} failed to {what} ({type(err).__name__}: {first}); "
-                    f"training goes on, its rows are kept and sent when it answers again"
+                    f"[mplug] tracking: {self.backend.name} failed to {what} ({type(err).__name__}: "
+                    f"{text.splitlines()[0][:300] if text else ''}); training goes on, and the rows it "
+                    "misses (all in metrics.csv) are sent if it answers again before the run ends"
                 )
-            self.down_since = now
+            self.failed_at = now
             return False
-        if self.down_since is not None:
+        if self.failed_at is not None:
             log.info(f"[mplug] tracking: {self.backend.name} answers again")
-            self.down_since = None
+            self.failed_at = None
         return True
 
-    def start(self, info: RunInfo) -> None:
+    def start(self, info: RunInfo, force: bool = False) -> None:
         def go() -> None:
             self.last_logged = self.backend.start(info)
 
-        self.started = self.call("start the run", go)
+        self.started = self.call("start the run", go, force)
 
     def offer(self, info: RunInfo, step: int, row: dict[str, float]) -> None:
         if len(self.pending) >= self.max_pending:
@@ -521,21 +531,25 @@ class _Guarded:
         self.pending.append((step, row))
         self.flush(info)
 
-    def flush(self, info: RunInfo) -> None:
+    def flush(self, info: RunInfo, force: bool = False) -> bool:
+        """Send what is pending; True when nothing is left."""
         if not self.started:
-            self.start(info)
+            self.start(info, force)
             if not self.started:
-                return
-        rows = list(new_rows(self.pending, self.last_logged))
-        if rows and not self.call("log metrics", lambda: self.backend.log_metrics(rows)):
-            return
-        if rows:
-            self.last_logged = rows[-1][0]
+                return False
+        for step, row in list(new_rows(self.pending, self.last_logged)):
+            if not self.call("log metrics", lambda s=step, r=row: self.backend.log_metrics([(s, r)]), force):
+                return False
+            self.last_logged = step
+            force = False  # one forced try, then the backend's answers decide
         self.pending = []
-        if self.final_model is not None and self.call(
-            "log the final model", lambda: self.backend.log_final_model(self.final_model)
-        ):
+        if self.final_model is not None:
+            if not self.call(
+                "log the final model", lambda: self.backend.log_final_model(self.final_model), force
+            ):
+                return False
             self.final_model = None
+        return True
 
 
 class Tracker:
@@ -584,16 +598,10 @@ class Tracker:
             g.flush(self.info)
 
     def finish(self) -> None:
-        """Send what is still pending (one more try) and close every backend's run."""
+        """Send what is still pending (one more try, whatever the retry clock says) and close
+        every backend's run."""
         for g in self.guarded:
-            g.down_since = None if g.pending or g.final_model else g.down_since
-            g.flush(self.info)
-            if g.started and not g.pending and g.down_since is None:
-                g.call("close the run", g.backend.finish)
-            elif g.pending:
-                log.warning(
-                    f"[mplug] tracking: {g.backend.name} did not get {len(g.pending)} row(s) "
-                    f"(steps {g.pending[0][0]}..{g.pending[-1][0]}); they are in the run's metrics.csv"
-                )
+            if g.flush(self.info, force=True):
+                g.call("close the run", g.backend.finish, force=True)
             if g.dropped:
                 log.warning(f"[mplug] tracking: {g.backend.name} missed {g.dropped} older row(s) while down")

@@ -51,6 +51,8 @@ class SearchPlan:
     trial_gpus: float
     trial_retries: int
     transform_tasks: int = 1  # per trial's stream; set from the cluster when the search starts
+    # The search's MLflow run, set when it starts (pipelines/tune/tracking.py).
+    tracking_parent: str | None = None
 
     @property
     def uri(self) -> str:
@@ -172,6 +174,7 @@ def trial_function(config: dict[str, Any], search: dict | None = None) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.train.launch import build_trainer, plan_run
+    from pipelines.tune.tracking import experiment_name
 
     plan = SearchPlan(**search)
     trial_id = tune.get_context().get_trial_id()
@@ -181,7 +184,16 @@ def trial_function(config: dict[str, Any], search: dict | None = None) -> None:
     # every report carries the metric ASHA and Optuna read.
     job = job.model_copy(
         update={
-            "run": job.run.model_copy(update={"name": trial_id, "storage": plan.uri, "eval_at_start": True})
+            "run": job.run.model_copy(
+                update={
+                    "name": trial_id,
+                    "storage": plan.uri,
+                    "eval_at_start": True,
+                    # Each trial's tracked run nests under the search's.
+                    "tracking_experiment": experiment_name(plan),
+                    "tracking_parent": plan.tracking_parent,
+                }
+            )
         }
     )
     train_plan = plan_run(job)
@@ -203,6 +215,7 @@ def run_search(plan: SearchPlan, space: SearchSpace, *, address: str | None = No
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipelines.cluster import init_ray
+    from pipelines.tune.tracking import close_search_run, open_search_run
 
     init_ray(address)
     resources = ray.cluster_resources()
@@ -211,6 +224,7 @@ def run_search(plan: SearchPlan, space: SearchSpace, *, address: str | None = No
     spare = resources.get("CPU", 1) - max_concurrent * plan.trial_cpus
     base_tasks = TrainConfig.model_validate(plan.base).data.transform_tasks
     plan = replace(plan, transform_tasks=base_tasks or max(1, int(spare // max_concurrent)))
+    plan = replace(plan, tracking_parent=open_search_run(plan))
     print(describe_search(plan, space, max_concurrent), flush=True)
     fs, root = storage.pyarrow_fs(plan.storage)
     tune_path, tune_fs = (
@@ -257,6 +271,7 @@ def run_search(plan: SearchPlan, space: SearchSpace, *, address: str | None = No
     grid = tuner.fit()
     rows = trial_rows(grid, plan, space)
     write_results(plan, rows)
+    close_search_run(plan, plan.tracking_parent, rows, best_row(plan, rows))
     print(summary(plan, rows, time.perf_counter() - started))
     return grid
 
