@@ -98,9 +98,11 @@ class ReplayFilter:
         """The batches to show now: this one (less its copies) and any held ones now settled."""
         lines = batch.get("lines") or []
         ip = batch.get("ip")
-        readers = self._monitors(ip)
-        if readers < 2 or not lines:
+        if not lines:
             return [batch]
+        # Every file is followed even while one monitor reads it (a batch then passes at once,
+        # whole): a node that joins later replays the files from their first lines.
+        readers = max(1, self._monitors(ip))
         key = (ip, batch.get("pid"), bool(batch.get("is_err")))
         with self._lock:
             stream = self._streams.setdefault(key, _Stream())
@@ -231,10 +233,11 @@ class _CachedMonitorCount:
 
         now = time.monotonic()
         if now - self._asked > MONITOR_COUNT_TTL_S:
-            self._asked = now
             try:
                 self._by_ip = log_monitors_by_ip(ray.nodes())
+                self._asked = now
             except Exception as err:  # noqa: BLE001 - a GCS hiccup must not stop the driver's log thread
+                self._asked = now - MONITOR_COUNT_TTL_S + 1.0  # ask again in a second
                 log.debug("could not count the log monitors per node: %s", err)
         return self._by_ip.get(ip or "", 1)
 
@@ -254,7 +257,12 @@ def install_replay_filter() -> ReplayFilter:
     replay = ReplayFilter(_CachedMonitorCount())
     emit = dispatcher.emit
 
+    exiting: list[bool] = []
+
     def filtered_emit(data: dict[str, Any]) -> None:
+        if not exiting:  # registered after ray.init registered its shutdown: at exit, runs first
+            exiting.append(True)
+            atexit.register(flush_held, 0.0)
         for kept in replay.filter(data):
             emit(kept)
 
@@ -268,7 +276,6 @@ def install_replay_filter() -> ReplayFilter:
             flush_held(HOLD_S)
 
     threading.Thread(target=flush_loop, name="mplug_log_replay_flush", daemon=True).start()
-    atexit.register(flush_held, 0.0)
     replay.flush_to_driver = flush_held
     dispatcher.emit = filtered_emit
     dispatcher.mplug_replay_filter = replay

@@ -13,15 +13,17 @@ from pipelines.driver_logs import ReplayFilter, install_replay_filter, log_monit
 pytestmark = pytest.mark.unit
 
 
-def published(files: dict[tuple, list[str]], monitors: int, rng: random.Random) -> list[tuple[float, dict]]:
+def published(
+    files: dict[tuple, list[str]], joins: list[int], rng: random.Random
+) -> list[tuple[float, dict]]:
     """What the driver receives, as Ray's log monitors send it (`ray/_private/log_monitor.py`):
     the files grow a few lines at a time; each monitor polls about every 0.1 s and sends each
-    file's lines since its last poll, at most 1,000 a batch; a monitor whose node joins later
+    file's lines since its last poll, at most 1,000 a batch; a monitor whose node joins later (at tick `joins[m]`)
     sends each file from its first line. A batch arrives 0-0.2 s after it was sent, a monitor's
     batches in order, monitors mixed. Returns (arrival time in seconds, batch)."""
+    monitors = len(joins)
     length = {key: 0 for key in files}
     sent = [{key: 0 for key in files} for _ in range(monitors)]
-    joins = [0] + [rng.randint(1, 60) for _ in range(monitors - 1)]
     in_flight: list[list[tuple[int, dict]]] = [[] for _ in range(monitors)]  # (due tick, batch)
     arrived = []
     tick = 0
@@ -67,11 +69,17 @@ def test_each_line_is_shown_once_in_its_file_order(seed, monitors):
     files = {
         (pid, is_err): file_lines(pid, rng.randint(30, 300)) for pid in (101, 102) for is_err in (False, True)
     }
+    joins = [0] + [rng.randint(1, 60) for _ in range(monitors - 1)]
     now = [0.0]
-    replay = ReplayFilter(lambda ip: monitors if ip == "10.0.0.1" else 1, clock=lambda: now[0])
+
+    def counted(ip: str | None) -> int:
+        """What Ray says: the nodes that have joined so far (an autoscaler adds them mid-run)."""
+        return sum(tick * 0.1 <= now[0] for tick in joins) if ip == "10.0.0.1" else 1
+
+    replay = ReplayFilter(counted, clock=lambda: now[0])
     shown: dict[tuple, list[str]] = {key: [] for key in files}
     arrived = 0
-    for now[0], batch in published(files, monitors, rng):
+    for now[0], batch in published(files, joins, rng):
         arrived += len(batch["lines"])
         for kept in replay.filter(batch):
             shown[(kept["pid"], kept["is_err"])] += kept["lines"]
