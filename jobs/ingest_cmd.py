@@ -16,6 +16,11 @@ FLAG_KEYS = {
     "format": "format",
     "output": "output",
     "image_root": "image_root",
+    "video_root": "video_root",
+    "num_frames": "num_frames",
+    "frame_sampling": "frame_sampling",
+    "min_video_frames": "min_video_frames",
+    "max_video_bytes": "max_video_bytes",
     "allow_image_paths_outside_root": "allow_image_paths_outside_root",
     "max_annotation_bytes": "max_annotation_bytes",
     "image_column": "image_column",
@@ -36,7 +41,10 @@ FLAG_KEYS = {
 }
 
 # Flags that set what a shipped config may leave as a placeholder (`CHANGE-ME`).
-PLACEHOLDER_FLAGS = {"input": "--input URI", "output": "--output URI", "image_root": "--image-root URI"}
+PLACEHOLDER_FLAGS = {
+    "input": "--input URI", "output": "--output URI", "image_root": "--image-root URI",
+    "video_root": "--video-root URI",
+}  # fmt: skip
 
 # Exit statuses: 0 done; 2 invalid config or refused (an output written with other settings);
 # 3 done, but some input could not be read (rows rejected as bad_shard or storage_error: see
@@ -64,13 +72,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and credentials come from the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) or the YAML; "
         "a GCS emulator from STORAGE_EMULATOR_HOST. --format json reads the tasks' official annotation "
         "files unchanged (captions/retrieval, COCO Karpathy, VQA, RefCOCO-style grounding, NLVR2, SNLI-VE; "
-        "a JSON array or JSON Lines).\n\nExit status: 0 done; 2 invalid config, or the output was written "
+        "a JSON array or JSON Lines). --format video samples --num-frames frames of each clip (mp4, webm, avi, "
+        "...) named by MSRVTT / MSRVTT-QA / MSVD-QA / VATEX annotations under --video-root, or in webdataset "
+        "tars with a video member (docs/video.md).\n\nExit status: 0 done; 2 invalid config, or the output was written "
         "with other settings; 3 done, but an input file (or part of one, or an image) could not be read "
         "and was counted as bad_shard or storage_error rejects; 1 any other failure.",
         examples=[
             "mplug ingest --input demo_out/raw/train --format parquet --output demo_out/processed/train",
             "mplug ingest --config ingest_coco_karpathy --input s3://bucket/coco/dataset_coco.json "
             "--image-root s3://bucket/coco/images --output s3://bucket/processed/coco_train",
+            "mplug ingest --format video --input s3://bucket/msrvtt/msrvtt_test.jsonl "
+            "--video-root s3://bucket/msrvtt/videos --num-frames 12 --output s3://bucket/processed/msrvtt_test",
         ],
     )  # fmt: skip
     p.add_argument("--config", metavar="NAME|YAML",
@@ -80,19 +92,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--input", metavar="URI", help="one file or a folder of shards (required, here or in the config)"
     )
     p.add_argument(
-        "--format", choices=["parquet", "webdataset", "json", "urls"],
-        help="parquet (encoded images), webdataset tars, json annotations + --image-root, urls (URL lists) "
-        "(required, here or in the config)",
+        "--format", choices=["parquet", "webdataset", "json", "urls", "video"],
+        help="parquet (encoded images), webdataset tars, json annotations + --image-root, urls (URL lists), "
+        "video (video annotations + --video-root, or tars with a video member) (required, here or in the config)",
     )  # fmt: skip
     p.add_argument("--output", metavar="URI",
                    help="gets data/, rejects/, stats.json (required, here or in the config)")  # fmt: skip
     p.add_argument("--image-root", metavar="URI",
                    help="json: what the annotations' image paths are relative to (required with json; default: none)")  # fmt: skip
+    p.add_argument("--video-root", metavar="URI",
+                   help="video: what the annotations' video names are relative to (required with video "
+                   "annotations; default: none)")  # fmt: skip
     p.add_argument(
         "--allow-image-paths-outside-root", action="store_true", default=None,
-        help="json: trust the annotations to name images anywhere (absolute paths, other URIs, ..); "
-        "without it such a path is a path_outside_root reject (default: off)",
+        help="json/video: trust the annotations to name images or videos anywhere (absolute paths, other "
+        "URIs, ..); without it such a path is a path_outside_root reject (default: off)",
     )  # fmt: skip
+    p.add_argument("--num-frames", type=int, metavar="N",
+                   help=f"video: frames sampled from each clip and stored ({default('num_frames')})")  # fmt: skip
+    p.add_argument("--frame-sampling", choices=["uniform", "rand", "headtail"],
+                   help="video: uniform (the first frame of each of N equal spans), rand (N at random) or "
+                   f"headtail (half from each half of the clip), as the official scripts ({default('frame_sampling')})")  # fmt: skip
+    p.add_argument("--min-video-frames", type=int, metavar="N",
+                   help=f"video: a clip with fewer frames is a too_short reject ({default('min_video_frames')})")  # fmt: skip
+    p.add_argument("--max-video-bytes", type=int, metavar="N",
+                   help=f"video: a larger file or tar member is a too_large reject, never read whole "
+                   f"({default('max_video_bytes')})")  # fmt: skip
     p.add_argument(
         "--allow-private-urls", action="store_true", default=None,
         help="urls: also fetch loopback, private and link-local addresses (a local server, an intranet "
@@ -184,6 +209,14 @@ def check_before_ray(config) -> None:
         )
     if config.image_root and config.format != "json":
         raise ConfigError(f"--image-root applies to --format json only, not {config.format}")
+    if config.video_root and config.format != "video":
+        raise ConfigError(f"--video-root applies to --format video only, not {config.format}")
+    annotations = config.input.rstrip("/").endswith((".json", ".jsonl"))
+    if config.format == "video" and annotations and not config.video_root:
+        raise ConfigError(
+            "--format video with an annotation file needs --video-root URI (or video_root in the config): "
+            "the folder the annotations' video names are relative to"
+        )
     if not storage.exists(config.input):
         raise ConfigError(f"--input {config.input!r} does not exist")
 

@@ -48,6 +48,31 @@ def ones_mask(tokens: torch.Tensor) -> torch.Tensor:
     return torch.ones(tokens.shape[:2], dtype=torch.long, device=tokens.device)
 
 
+def frame_count(images: torch.Tensor) -> int:
+    """Frames per item: T of a video batch (B, T, 3, H, W), 1 of an image batch (B, 3, H, W)."""
+    return images.shape[1] if images.dim() == 5 else 1
+
+
+def encode_frames(encoder: nn.Module, adapter: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Visual tokens of images (B, 3, H, W) -> (B, L, D); of a video (B, T, 3, H, W), each frame
+    through the tower on its own and the frames' tokens concatenated in time order -> (B, T*L, D),
+    as the official video scripts feed the fusion and the decoder. Frame by frame: evaluation
+    holds one frame's activations per video at a time."""
+    if images.dim() == 4:
+        return adapter(encoder.forward_features(images))
+    return torch.cat([adapter(encoder.forward_features(images[:, t])) for t in range(images.shape[1])], dim=1)
+
+
+def visual_cls(visual: torch.Tensor, frames: int = 1) -> torch.Tensor:
+    """The CLS token of visual tokens (B, L, D) -> (B, D); of a video's concatenated frames
+    (B, T*L, D), the mean of its frames' CLS tokens (the official video retrieval ranks by the mean
+    of the frames' projected CLS embeddings: the same, the projection being linear)."""
+    if frames == 1:
+        return visual[:, 0]
+    b, length, d = visual.shape
+    return visual.view(b, frames, length // frames, d)[:, :, 0].mean(1)
+
+
 class MPlugPreTrainedModel(PreTrainedModel):
     """HF plumbing (config class, weight init, safetensors save/load, activation checkpointing)
     and the towers every task model composes. A subclass calls the `_build_*` methods it needs
@@ -75,8 +100,9 @@ class MPlugPreTrainedModel(PreTrainedModel):
         self.text_decoder = TextDecoder(self.config.text_config, self.config.decoder_layers)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) -> visual tokens at the text width (B, 1 + HW/p^2, D), CLS first."""
-        return self.visual_adapter(self.visual_encoder.forward_features(images))
+        """images (B, 3, H, W) -> visual tokens at the text width (B, 1 + HW/p^2, D), CLS first; a
+        video (B, T, 3, H, W) -> its frames' tokens concatenated (B, T(1 + HW/p^2), D)."""
+        return encode_frames(self.visual_encoder, self.visual_adapter, images)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and 1/0 mask -> text encoder states (B, L, D)."""
@@ -257,8 +283,8 @@ class MPlugContrastiveModel(MPlugPreTrainedModel):
         self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's momentum ITC features (B, E) of images and texts (no grad)."""
-        visual = self.visual_adapter_m(self.visual_encoder_m.forward_features(images))
-        image = F.normalize(self.vision_proj_m(visual[:, 0]), dim=-1)
+        visual = encode_frames(self.visual_encoder_m, self.visual_adapter_m, images)
+        image = F.normalize(self.vision_proj_m(visual_cls(visual, frame_count(images))), dim=-1)
         text = F.normalize(self.text_proj_m(self.text_encoder_m(input_ids, attention_mask)[:, 0]), dim=-1)
         return image, text
 
@@ -323,9 +349,11 @@ class MPlugContrastiveModel(MPlugPreTrainedModel):
             raise ValueError(f"{what} needs the ITC projections, but this model has use_itc=False")
 
     def encode_image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, embed_dim) L2-normalised ITC image embeddings."""
+        """(B, 3, H, W) -> (B, embed_dim) L2-normalised ITC image embeddings; a video (B, T, 3, H, W)
+        is embedded by the mean of its frames' CLS tokens."""
         self._require_itc("encode_image_features")
-        return F.normalize(self.vision_proj(self.encode_image(images)[:, 0]), dim=-1)
+        cls = visual_cls(self.encode_image(images), frame_count(images))
+        return F.normalize(self.vision_proj(cls), dim=-1)
 
     def encode_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L) ids and mask -> (B, embed_dim) L2-normalised ITC text embeddings."""
@@ -355,11 +383,13 @@ class MPlugContrastiveModel(MPlugPreTrainedModel):
         offset: int,
         alpha: float,
         image_ids: torch.Tensor | None = None,
+        frames: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """ITC loss of this micro-batch's queries against `keys` + the queue, and the in-batch
-        similarities (B, B) that ITM draws hard negatives from."""
+        similarities (B, B) that ITM draws hard negatives from. `frames`: T when `visual` holds
+        videos' concatenated frames."""
         b = visual.shape[0]
-        image_feat = F.normalize(self.vision_proj(visual[:, 0]), dim=-1)  # (B, E)
+        image_feat = F.normalize(self.vision_proj(visual_cls(visual, frames)), dim=-1)  # (B, E)
         text_feat = F.normalize(self.text_proj(text[:, 0]), dim=-1)  # (B, E)
         temp = self.temp.clamp(TEMP_MIN, TEMP_MAX)
         positives = None
@@ -484,7 +514,7 @@ class MPlugForPretraining(MPlugContrastiveModel):
                     [{"images": images, "input_ids": input_ids, "attention_mask": attention_mask}]
                 )
                 key_offset = offsets[0]
-            loss_itc, sim_i2t = self._itc(visual, text, keys, key_offset, alpha)
+            loss_itc, sim_i2t = self._itc(visual, text, keys, key_offset, alpha, frames=frame_count(images))
         else:
             keys = None
         if cfg.use_itm:

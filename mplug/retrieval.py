@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mplug.config import MPlugConfig
-from mplug.modeling import ContrastiveKeys, MPlugContrastiveModel
+from mplug.modeling import ContrastiveKeys, MPlugContrastiveModel, frame_count
 
 
 @dataclass
@@ -50,7 +50,7 @@ class MPlugForRetrieval(MPlugContrastiveModel):
         key_offset: int = 0,
         itm_hard_negatives: bool = True,
     ) -> MPlugRetrievalOutput:
-        """images (B, 3, H, W), input_ids/attention_mask (B, L), image_ids (B,) int64: rows with
+        """images (B, 3, H, W) or videos (B, T, 3, H, W), input_ids/attention_mask (B, L), image_ids (B,) int64: rows with
         one id are captions of one image. keys/key_offset: the step's momentum keys
         (`gather_keys`), by default this batch's own, gathered over ranks. itm_hard_negatives=False
         draws ITM's negatives uniformly from the batch (other captions of the image excluded)."""
@@ -60,6 +60,6 @@ class MPlugForRetrieval(MPlugContrastiveModel):
             batch = {"images": images, "input_ids": input_ids, "attention_mask": attention_mask}
             keys, offsets = self.gather_keys([batch], [image_ids])
             key_offset = offsets[0]
-        loss_itc, sim_i2t = self._itc(visual, text, keys, key_offset, alpha, image_ids=image_ids)
+        loss_itc, sim_i2t = self._itc(visual, text, keys, key_offset, alpha, image_ids, frame_count(images))
         loss_itm = self._itm_loss(visual, text, attention_mask, sim_i2t, itm_hard_negatives)
         return MPlugRetrievalOutput(loss_itc + loss_itm, loss_itc, loss_itm, keys)

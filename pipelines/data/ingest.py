@@ -47,14 +47,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from pipelines import storage
-from pipelines.data import formats, readers
+from pipelines.data import formats, readers, video
 from pipelines.data.download import DownloadConfig, fetch_all
-from pipelines.data.image import ImageLimits, ImageRejected, process_image
+from pipelines.data.image import ImageLimits, ImageRejected, ProcessedImage, process_image
 from pipelines.data.records import DATA_SCHEMA, REJECT_REASONS, clean_caption, rejects_table
 
 log = logging.getLogger(__name__)
 
-INPUT_FORMATS = ("parquet", "webdataset", "json", "urls")
+INPUT_FORMATS = ("parquet", "webdataset", "json", "urls", "video")
 HASH_PARTITIONS = 16  # one per leading hex digit of the content hash
 HASH_SCHEMA = pa.schema(
     [("key", pa.string()), ("_dedup", pa.string()), ("_unit", pa.string()), ("_row", pa.int64())]
@@ -70,13 +70,28 @@ class IngestConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input: str = Field(description="input URI: a file or a folder of shards (s3://, gs://, file://, path)")
-    format: Literal["parquet", "webdataset", "json", "urls"]
+    format: Literal["parquet", "webdataset", "json", "urls", "video"]
     output: str = Field(description="output URI; gets data/, rejects/, stats.json")
     image_root: str | None = Field(None, description="json: URI the annotation's image paths are relative to")
+    video_root: str | None = Field(
+        None, description="video annotations: URI the annotation's video names are relative to"
+    )
     allow_image_paths_outside_root: bool = Field(
         False,
-        description="json: let annotations name images anywhere (absolute paths, other URIs, `..`); "
-        "off, such a path is a path_outside_root reject. Only for annotations you trust",
+        description="json/video: let annotations name images or videos anywhere (absolute paths, other "
+        "URIs, `..`); off, such a path is a path_outside_root reject. Only for annotations you trust",
+    )
+    # video (`pipelines/data/video.py`): frames sampled from each clip, stored like images.
+    num_frames: int = Field(8, gt=0, description="video: frames sampled from each clip and stored")
+    frame_sampling: Literal["uniform", "rand", "headtail"] = Field(
+        "uniform",
+        description="video: which frames (the official strategies; rand/headtail seeded by the clip)",
+    )
+    min_video_frames: int = Field(
+        1, gt=0, description="video: a clip with fewer frames is a too_short reject"
+    )
+    max_video_bytes: int = Field(
+        200_000_000, gt=0, description="video: larger video files and tar members are rejected unread"
     )
     image_column: str | None = None
     caption_column: str | None = None
@@ -142,6 +157,10 @@ class IngestConfig(BaseModel):
             max_bytes=self.max_image_bytes,
             jpeg_quality=self.jpeg_quality,
         )
+
+    def video_limits(self) -> video.VideoLimits:
+        limits = dataclasses.replace(self.limits(), max_bytes=self.max_video_bytes)
+        return video.VideoLimits(limits, self.num_frames, self.frame_sampling, self.min_video_frames)
 
     def settings(self) -> dict:
         """What shapes the written rows and their layout: recorded with an output, and a re-run
@@ -213,12 +232,19 @@ def _content_hash(rec: dict, images: list[bytes], caption: str, question: str | 
     return h.hexdigest()
 
 
-def _process_cached(data: bytes | None, uri: str | None, limits: ImageLimits, cache: dict):
-    """process_image, once per image file and unit (COCO: five captions share one image)."""
+def _poster(clip: video.ProcessedVideo) -> ProcessedImage:
+    """A processed video as its row's primary image: the middle sampled frame."""
+    return ProcessedImage(clip.poster, clip.width, clip.height, clip.width / max(1, clip.orig_width),
+                          clip.orig_width, clip.orig_height)  # fmt: skip
+
+
+def _process_cached(data: bytes | None, uri: str | None, limits, cache: dict, process=process_image):
+    """`process` (process_image, or video.process_video for a video), once per file and unit
+    (COCO: five captions share one image; MSRVTT: twenty one video)."""
     cached = cache.get(uri) if uri else None
     if cached is None:
         try:
-            cached = process_image(data, limits)
+            cached = process(data, limits)
         except ImageRejected as err:
             cached = err
         if uri:
@@ -248,17 +274,27 @@ def _finish_record(
     question = clean_caption(question, cfg.max_words) if question else None
     if not caption and not question:
         return None, {"key": key, "reason": "empty_caption", "detail": f"raw caption {rec.get('caption')!r}"}
-    # A multi-image row (NLVR2) has `images`; every row has a primary image, the first.
+    # A multi-image row (NLVR2) has `images`; every row has a primary image, the first. A video
+    # row's primary image is its middle sampled frame.
     multi = rec.get("images") is not None
-    blobs = rec["images"] if multi else [rec.get("image")]
-    uris = rec.get("_image_uris") or [None] * len(blobs)
-    processed = []
-    for n, (data, uri) in enumerate(zip(blobs, uris)):
+    clip = None
+    if "video" in rec:
+        blobs, uri = [rec["video"]], (rec.get("_image_uris") or [None])[0]
         try:
-            processed.append(_process_cached(data, uri, limits, cache))
+            clip = _process_cached(rec["video"], uri, cfg.video_limits(), cache, video.process_video)
         except ImageRejected as err:
-            which = f"image {n} ({uri or 'inline'}): " if multi else ""
-            return None, {"key": key, "reason": err.reason, "detail": which + err.detail}
+            return None, {"key": key, "reason": err.reason, "detail": f"{uri or 'video'}: {err.detail}"}
+        processed = [_poster(clip)]
+    else:
+        blobs = rec["images"] if multi else [rec.get("image")]
+        uris = rec.get("_image_uris") or [None] * len(blobs)
+        processed = []
+        for n, (data, uri) in enumerate(zip(blobs, uris)):
+            try:
+                processed.append(_process_cached(data, uri, limits, cache))
+            except ImageRejected as err:
+                which = f"image {n} ({uri or 'inline'}): " if multi else ""
+                return None, {"key": key, "reason": err.reason, "detail": which + err.detail}
     first = processed[0]
     bbox = rec.get("bbox")
     return {
@@ -279,6 +315,7 @@ def _finish_record(
         "raw_answers": rec.get("raw_answers"),
         "dataset": rec.get("dataset"),
         "images": [p.jpeg for p in processed] if multi else None,
+        "frames": list(clip.frames) if clip is not None else None,
         "_dedup": _content_hash(rec, blobs, caption, question),
         "_row": row,
     }, None
@@ -316,6 +353,10 @@ def _load_image(refs: list[str], max_bytes: int) -> tuple[bytes | None, str, tup
 def _annotation_records(unit: readers.Unit, cfg: IngestConfig, counts: UnitCounts) -> Iterator[dict]:
     """Rows of an annotation unit in task-format order, images read concurrently per batch."""
 
+    videos = unit.kind == "video"
+    read_entry = video.entry_rows if videos else formats.entry_rows
+    root = (cfg.video_root if videos else cfg.image_root) or ""
+
     def rows() -> Iterator[dict]:
         entries = readers.read_json_unit(unit, cfg.max_annotation_bytes)
         for idx, entry in enumerate(readers.guarded(unit, entries)):
@@ -329,15 +370,16 @@ def _annotation_records(unit: readers.Unit, cfg: IngestConfig, counts: UnitCount
             elif not formats.selected(entry, cfg.splits):
                 counts.skipped += 1
             else:
-                yield from formats.entry_rows(
-                    entry, fallback, cfg.image_root or "", cfg.allow_image_paths_outside_root
-                )
+                yield from read_entry(entry, fallback, root, cfg.allow_image_paths_outside_root)
 
-    # Object-store reads are latency bound: fetch a batch's images concurrently.
+    # Object-store reads are latency bound: fetch a batch's images concurrently. Videos are
+    # large: a batch holds as many as there are threads, so memory stays within
+    # threads x max_video_bytes.
+    size, max_bytes = (cfg.download.threads, cfg.max_video_bytes) if videos else (256, cfg.max_image_bytes)
     with ThreadPoolExecutor(max_workers=cfg.download.threads) as pool:
-        for batch in _batches(rows(), 256):
+        for batch in _batches(rows(), size):
             refs = {tuple(r) for rec in batch for r in rec.get("_image_refs", [])}
-            loaded = dict(zip(refs, pool.map(lambda r: _load_image(list(r), cfg.max_image_bytes), refs)))
+            loaded = dict(zip(refs, pool.map(lambda r: _load_image(list(r), max_bytes), refs)))
             for rec in batch:
                 image_refs = rec.pop("_image_refs", None)
                 if image_refs is None:
@@ -347,6 +389,8 @@ def _annotation_records(unit: readers.Unit, cfg: IngestConfig, counts: UnitCount
                 why = next((why for data, _, why in results if data is None), None)
                 if why is not None:
                     rec["_reject"] = why
+                elif videos:
+                    rec["video"] = results[0][0]
                 elif len(results) > 1:
                     rec["images"] = [data for data, _, _ in results]
                 else:
@@ -378,8 +422,14 @@ def _raw_records(
         yield from readers.guarded(unit, readers.read_parquet_unit(unit, cols))
     elif unit.kind == "webdataset":
         yield from readers.guarded(unit, readers.read_webdataset_unit(unit, cfg.max_image_bytes))
-    elif unit.kind == "json":
+    elif unit.kind in ("json", "video"):
         yield from _annotation_records(unit, cfg, counts)
+    elif unit.kind == "video_webdataset":
+        records = readers.read_webdataset_unit(unit, cfg.max_video_bytes, media_exts=video.WDS_VIDEO_EXTS)
+        for rec in readers.guarded(unit, records):
+            if "_reject" not in rec:
+                rec["video"] = rec.pop("image")
+            yield rec
     elif unit.kind == "urls":
         yield from _url_records(unit, cfg, counts)
     else:
@@ -393,12 +443,15 @@ def process_unit_records(
     (None, reject) per row read. The body of stage A."""
     limits = cfg.limits()
     cache: dict = {}
+    # A bound on memory; rows of one image (video) are usually adjacent. A processed video holds
+    # num_frames images.
+    cache_size = 1024 // cfg.num_frames if unit.kind.startswith("video") else 1024
     for row, rec in enumerate(_raw_records(unit, cfg, cols, counts)):
         counts.read += 1
-        for blob in rec.get("images") or [rec.get("image")]:
+        for blob in rec.get("images") or [rec.get("video", rec.get("image"))]:
             counts.bytes_read += len(blob) if isinstance(blob, bytes) else 0
-        if len(cache) > 1024:
-            cache.clear()  # a bound on memory; rows of one image are usually adjacent
+        if len(cache) > cache_size:
+            cache.clear()
         yield _finish_record(rec, cfg, limits, row, cache)
 
 
@@ -645,6 +698,8 @@ def list_units(cfg: IngestConfig) -> tuple[list[readers.Unit], readers.Columns |
         return units, cols
     if cfg.format == "webdataset":
         return readers.webdataset_units(cfg.input), None
+    if cfg.format == "video":
+        return video_units(cfg), None
     if cfg.format == "json":
         if not cfg.image_root:
             raise ValueError(
@@ -658,6 +713,31 @@ def list_units(cfg: IngestConfig) -> tuple[list[readers.Unit], readers.Columns |
         cfg.input, cfg.rows_per_unit, caption=cfg.caption_column, key=cfg.key_column, url=cfg.url_column,
         max_entry_bytes=cfg.max_annotation_bytes,
     ), None  # fmt: skip
+
+
+def video_units(cfg: IngestConfig) -> list[readers.Unit]:
+    """`--format video`: webdataset tars with a video member, or annotation files (JSON / JSON
+    Lines) whose video names are relative to `video_root`."""
+    tars = cfg.input.rstrip("/").endswith(".tar") or (
+        not cfg.input.rstrip("/").endswith(readers.ANNOTATION_SUFFIXES)
+        and any(f.endswith(".tar") for f in storage.list_files(cfg.input))
+    )
+    if tars:
+        units = readers.webdataset_units(cfg.input)
+        kind = "video_webdataset"
+    else:
+        if not cfg.video_root:
+            raise ValueError(
+                "format 'video' with annotation files needs video_root (--video-root): the URI video "
+                "names are relative to"
+            )
+        units = readers.json_units(
+            cfg.input, cfg.rows_per_unit, video.check_first_entry, cfg.max_annotation_bytes
+        )
+        kind = "video"
+    for unit in units:
+        unit.kind = kind
+    return units
 
 
 def _markers(lay: Layout, stage: str) -> dict[str, dict]:

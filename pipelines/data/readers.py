@@ -636,8 +636,10 @@ class SkippedMember:
     limit: int
 
 
-def _wds_record(key: str, members: dict[str, bytes | SkippedMember]) -> dict:
-    image_ext = next((e for e in WDS_IMAGE_EXTS if e in members), None)
+def _wds_record(
+    key: str, members: dict[str, bytes | SkippedMember], media_exts: tuple[str, ...] = WDS_IMAGE_EXTS
+) -> dict:
+    image_ext = next((e for e in media_exts if e in members), None)
     rec: dict = {"key": key, "image": None, "caption": None, "url": None}
     skipped = next((m for m in members.values() if isinstance(m, SkippedMember)), None)
     if skipped is not None:
@@ -661,15 +663,18 @@ def _wds_record(key: str, members: dict[str, bytes | SkippedMember]) -> dict:
     if "txt" in members:
         rec["caption"] = members["txt"].decode("utf-8", errors="replace")
     if image_ext is None:
-        rec["_reject"] = ("missing_image", f"no {'/'.join(WDS_IMAGE_EXTS)} member for key {key!r}")
+        rec["_reject"] = ("missing_image", f"no {'/'.join(media_exts)} member for key {key!r}")
     return rec
 
 
-def read_webdataset_unit(unit: Unit, max_member_bytes: int | None = None) -> Iterator[dict]:
+def read_webdataset_unit(
+    unit: Unit, max_member_bytes: int | None = None, media_exts: tuple[str, ...] = WDS_IMAGE_EXTS
+) -> Iterator[dict]:
     """Stream a tar (no seeking, so it works on object storage) and group members by key. A
     truncated tar raises when reading reaches the damage; the sample being read then is lost. A
     member larger than `max_member_bytes` (its header says so) is not read: the stream passes
-    over its bytes in small blocks, and its sample is rejected `too_large`."""
+    over its bytes in small blocks, and its sample is rejected `too_large`. The sample's `image`
+    is its first member with one of `media_exts` (a video's: `pipelines/data/video.py`)."""
     current: str | None = None
     members: dict[str, bytes | SkippedMember] = {}
     with storage.open_input_stream(unit.source) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -678,7 +683,7 @@ def read_webdataset_unit(unit: Unit, max_member_bytes: int | None = None) -> Ite
                 continue
             key, ext = _split_wds_name(member.name)
             if key != current and current is not None:
-                yield _wds_record(current, members)
+                yield _wds_record(current, members, media_exts)
                 members = {}
             current = key
             if max_member_bytes is not None and member.size > max_member_bytes:
@@ -687,7 +692,7 @@ def read_webdataset_unit(unit: Unit, max_member_bytes: int | None = None) -> Ite
             handle = tar.extractfile(member)
             members[ext] = handle.read() if handle else b""
     if current is not None:
-        yield _wds_record(current, members)
+        yield _wds_record(current, members, media_exts)
 
 
 # ---- annotation files (json) -------------------------------------------------------------------

@@ -12,8 +12,9 @@ REJECT_REASONS: dict[str, str] = {
     "missing_image": "the row names no image, the image file does not exist, or the producer recorded none",
     "download_error": "the URL could not be fetched (HTTP error, timeout, truncated body, wrong content type)",
     "decode_error": "the bytes are not a decodable image (corrupt or truncated)",
-    "empty_image": "the image has zero bytes or zero pixels",
+    "empty_image": "the image has zero bytes or zero pixels, or the video zero bytes or no frame",
     "too_small": "the shorter side is below `min_image_size`",
+    "too_short": "the video has fewer decodable frames than `min_video_frames`",
     "bad_aspect": "long side / short side exceeds `max_aspect_ratio`",
     "too_large": "more pixels than `max_image_pixels` (decompression-bomb guard) or more bytes than `max_image_bytes` (an image file, a download or a tar member, refused before it is read whole), or an annotation entry longer than `max_annotation_bytes`",
     "empty_caption": "the caption (and question, if any) is empty after cleaning",
@@ -47,6 +48,7 @@ DATA_SCHEMA = pa.schema(
         ("raw_answers", pa.list_(pa.string())),  # the answers as annotated, in order, with repeats
         ("dataset", pa.string()),  # the VQA answer source ("vqa", "vg", "gqa", ...)
         ("images", pa.list_(pa.binary())),  # every image of a multi-image row (NLVR2: left, right)
+        ("frames", pa.list_(pa.binary())),  # a video's sampled frames, JPEG, in time order
     ]
 )
 TASK_COLUMNS = (

@@ -20,6 +20,9 @@ TASKS: dict[str, str] = {
     "grounding": "pipelines.tasks.grounding:GroundingTask",
     "nlvr2": "pipelines.tasks.classification:NLVR2Task",
     "snli_ve": "pipelines.tasks.classification:SnliVeTask",
+    "video_retrieval": "pipelines.tasks.video:VideoRetrievalTask",
+    "video_qa": "pipelines.tasks.video:VideoQATask",
+    "video_caption": "pipelines.tasks.video:VideoCaptionTask",
 }
 
 

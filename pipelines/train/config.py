@@ -16,7 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PRESETS = ("tiny", "mini", "base", "large")
-TASK_NAMES = ("pretrain", "vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve")
+TASK_NAMES = (
+    "pretrain", "vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve",
+    "video_retrieval", "video_qa", "video_caption",
+)  # fmt: skip
 
 
 class _Strict(BaseModel):
@@ -204,9 +207,23 @@ class GroundingSection(_Strict):
     )
 
 
+class VideoSection(_Strict):
+    """`task: video_retrieval | video_qa | video_caption`: how many of a clip's stored frames
+    (`mplug ingest --format video --num-frames`) the model reads (official: retrieval 12, QA 16,
+    captioning 8). Evaluation picks them uniformly; training by `frame_sampling`."""
+
+    num_frames: int = Field(8, gt=0, description="frames per clip, each through the vision tower")
+    frame_sampling: Literal["uniform", "rand", "headtail"] = Field(
+        "rand", description="which stored frames a training row reads (official: rand)"
+    )
+
+
 class TrainConfig(_Strict):
     # Which task of the registry (`pipelines/tasks`) this job trains.
-    task: Literal["pretrain", "vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve"] = "pretrain"
+    task: Literal[
+        "pretrain", "vqa", "caption", "retrieval", "grounding", "nlvr2", "snli_ve",
+        "video_retrieval", "video_qa", "video_caption",
+    ] = "pretrain"  # fmt: skip
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     optim: OptimSection = Field(default_factory=OptimSection)
@@ -216,6 +233,7 @@ class TrainConfig(_Strict):
     caption: CaptionSection = Field(default_factory=CaptionSection)
     retrieval: RetrievalSection = Field(default_factory=RetrievalSection)
     grounding: GroundingSection = Field(default_factory=GroundingSection)
+    video: VideoSection = Field(default_factory=VideoSection)
 
 
 PretrainConfig = TrainConfig  # the name of the pretraining-only config this grew from
