@@ -36,8 +36,19 @@ KIND_USES = {
     "train": "`mplug pretrain/finetune/train/tune --config`",
     "space": "`mplug tune --space`",
 }
-# The sections of a training config that belong to one task (their keys name it in a space).
-TASK_SECTIONS = ("vqa", "caption", "retrieval", "grounding")
+# The sections of a training config that hold task options, and which of them each task reads
+# (the video tasks read their image task's and `video`); tests/unit/test_cli.py pins this
+# against the tasks' code.
+TASK_SECTIONS = ("vqa", "caption", "retrieval", "grounding", "video")
+SECTIONS_READ = {
+    "vqa": ("vqa",),
+    "caption": ("caption",),
+    "retrieval": ("retrieval",),
+    "grounding": ("grounding",),
+    "video_retrieval": ("retrieval", "video"),
+    "video_qa": ("vqa", "video"),
+    "video_caption": ("caption", "video"),
+}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -190,16 +201,12 @@ def config_kind(raw: dict[str, Any]) -> str | None:
     return None
 
 
-def space_task(name_or_path: str, raw: dict[str, Any]) -> str | None:
-    """The task a search space is for: a shipped `tune_TASK`, or the task section its keys set."""
+def space_task(name_or_path: str) -> str | None:
+    """The task a shipped search space `tune_TASK` is for (its keys are checked apart)."""
     from pipelines.train.config import TASK_NAMES
 
     stem = Path(name_or_path).stem
-    if stem.startswith("tune_") and stem[5:] in TASK_NAMES:
-        return stem[5:]
-    sections = {str(k).split(".", 1)[0] for k in (raw.get("parameters") or {})}
-    named = sorted(sections & set(TASK_SECTIONS))
-    return named[0] if len(named) == 1 else None
+    return stem[5:] if stem.startswith("tune_") and stem[5:] in TASK_NAMES else None
 
 
 def check_config(
@@ -226,7 +233,8 @@ def check_config(
         written_for = raw.get("task", "pretrain")
         missing = "task" not in raw
     else:
-        written_for, missing = space_task(name_or_path, raw), False
+        written_for, missing = space_task(name_or_path), False
+        check_task_keys([str(k) for k in raw.get("parameters") or {}], task, flag=f"{flag} {name_or_path!r}:")
     if written_for is not None and written_for != task:
         raise ConfigError(
             f"{flag} {name_or_path!r} is for task {written_for!r}"
@@ -248,15 +256,17 @@ def fitting_configs(kind: str, task: str | None) -> list[str]:
 
 
 def check_task_keys(keys: list[str], task: str, flag: str = "--set") -> None:
-    """Refuse options of another task's section (e.g. `--set caption.max_length=20` for vqa):
-    nothing would read them."""
+    """Refuse options of a section the task does not read (e.g. `--set caption.max_length=20`
+    for vqa): nothing would read them."""
     from pipelines.train.config import ConfigError
 
     for key in keys:
         section = key.split(".", 1)[0]
-        if section in TASK_SECTIONS and section != task:
+        if section in TASK_SECTIONS and section not in SECTIONS_READ.get(task, ()):
+            readers = ", ".join(t for t, read in SECTIONS_READ.items() if section in read)
             raise ConfigError(
-                f"{flag} {key}: a {section} option, and this is task {task!r}: nothing would read it"
+                f"{flag} {key}: a {section} option (read by {readers}), and this is task {task!r}: "
+                "nothing would read it"
             )
 
 

@@ -60,7 +60,7 @@ def add_job_arguments(p: argparse.ArgumentParser, configs: list[str]) -> None:
     p.add_argument(
         "--config", metavar="NAME|YAML",
         help=f"job YAML (path or URI) or a shipped config: {', '.join(configs)} (default: the built-in "
-        "defaults, task pretrain)",
+        "defaults of every key)",
     )  # fmt: skip
     p.add_argument("--data", action="append", metavar="URI",
                    help=f"output folder of `mplug ingest`; repeat to mix corpora ({_from_config('data')})")  # fmt: skip

@@ -189,7 +189,7 @@ def test_a_wrong_config_name_says_it_does_not_exist_and_names_the_closest(argv, 
         (["ingest", "--config", "pretrain_tiny"], "is a training config"),
         (["pretrain", "--config", "ingest_vqa"], "is an ingest config, for `mplug ingest --config`"),
         (["finetune", "--task", "vqa", "--config", "finetune_vqa_tiny", "--set", "caption.max_length=20"],
-         "--set caption.max_length: a caption option, and this is task 'vqa': nothing would read it"),
+         "--set caption.max_length: a caption option (read by caption, video_caption), and this is task 'vqa'"),
     ],
 )  # fmt: skip
 def test_a_config_of_another_task_or_kind_is_refused(argv, says, capsys, no_ray):
@@ -242,6 +242,32 @@ def test_check_placeholders_names_every_key_in_one_line():
         check_placeholders({"input": "s3://CHANGE-ME/x"}, {"input": "--input URI"})
 
 
+def test_the_task_sections_each_task_reads_are_those_its_code_reads():
+    """`check_task_keys` refuses options of sections a task does not read: pinned against the
+    `self.job.<section>` the task classes (and their bases) use."""
+    import inspect
+    import re
+
+    from jobs.cli import SECTIONS_READ, TASK_SECTIONS
+    from pipelines.tasks import TASKS, task_class
+
+    pattern = re.compile(rf"job\.({'|'.join(TASK_SECTIONS)})\b")
+    for name in TASKS:
+        cls = task_class(name)
+        source = "".join(
+            inspect.getsource(k) for k in cls.__mro__ if k.__module__.startswith("pipelines.tasks")
+        )
+        assert set(pattern.findall(source)) == set(SECTIONS_READ.get(name, ())), name
+
+
+def test_a_search_space_of_another_tasks_options_is_refused(tmp_path, capsys, no_ray):
+    space = tmp_path / "space.yaml"
+    space.write_text("parameters:\n  vqa.num_beams: {choice: [3, 5]}\n")
+    line = refused(["tune", "--task", "caption", "--space", str(space), "--config", "finetune_caption_tiny",
+                    "--storage", "s", "--name", "n"], capsys)  # fmt: skip
+    assert f"--space {str(space)!r}: vqa.num_beams: a vqa option (read by vqa, video_qa)" in line
+
+
 # ---- ingest's checks come before Ray -----------------------------------------------------------------
 def test_ingest_checks_what_needs_no_cluster_before_ray(tmp_path, capsys, no_ray):
     annotations = tmp_path / "ann.json"
@@ -281,7 +307,7 @@ def test_evaluate_checks_its_inputs_before_ray(tmp_path, capsys, no_ray, ingest_
     assert "has no stats.json: pass an output folder of `mplug ingest`" in line
     line = refused(["evaluate", "--task", "vqa", "--model", str(model), "--data", ingest_output, "--output",
                     str(tmp_path / "o"), "--set", "grounding.iou_threshold=0.7"], capsys)  # fmt: skip
-    assert "a grounding option, and this is task 'vqa'" in line
+    assert "a grounding option (read by grounding), and this is task 'vqa'" in line
 
 
 # ---- errors: one line, exit 2 for config errors, 1 for the rest ---------------------------------------
