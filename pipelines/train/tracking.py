@@ -130,7 +130,8 @@ def flatten_config(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def run_key(run_uri: str) -> str:
     """The tracked run's identity: the same for every attempt of the run in STORAGE/RUN (a worker
     restart, a relaunch), different for any other run folder. 32 hex digits (a W&B run id)."""
-    return hashlib.sha256(run_uri.rstrip("/").encode()).hexdigest()[:32]
+    uri = storage.absolute(run_uri).rstrip("/")  # file:///a/b and /a/b are one folder
+    return hashlib.sha256(uri.encode()).hexdigest()[:32]
 
 
 def new_rows(rows: Iterable[tuple[int, dict[str, float]]], last_logged: int):
@@ -205,8 +206,8 @@ def code_and_job_tags() -> dict[str, str]:
             submission = dict(config.metadata).get("job_submission_id")
             if submission:
                 tags["ray.submission_id"] = submission
-    except (ImportError, AttributeError, RuntimeError):
-        pass
+    except (ImportError, AttributeError, RuntimeError, TypeError, ValueError):
+        pass  # not in a Ray process, or Ray keeps the job's metadata elsewhere: no Ray tags
     return tags
 
 

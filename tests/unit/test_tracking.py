@@ -56,6 +56,7 @@ def test_the_whole_resolved_config_flattens_to_every_leaf():
 
 def test_run_key_is_the_run_folder():
     assert run_key("s3://b/runs/a") == run_key("s3://b/runs/a/")
+    assert run_key("file:///r/runs/a") == run_key("/r/runs/a") == run_key("/r/runs/a/")
     assert run_key("s3://b/runs/a") != run_key("s3://b/runs/b") != run_key("s3://c/runs/b")
     assert len(run_key("x")) == 32 and int(run_key("x"), 16) >= 0
 
