@@ -10,11 +10,12 @@ own clients read, e.g. `http://127.0.0.1:9023`) names an emulator: then both pya
 talk to it over its scheme, anonymously.
 
 Retries are the storage clients' own, configured here and nowhere else (docs/faults-and-trust.md):
-`MPLUG_STORAGE_MAX_ATTEMPTS` (default 10: the first attempt and 9 retries) sets pyarrow's S3 retry
-strategy (`AwsStandardS3RetryStrategy`: throttling, 5xx and broken connections, exponential
-backoff with jitter) and botocore's for s3fs (`MPLUG_STORAGE_RETRY_MODE`, default `standard`;
-`adaptive` adds client-side rate limiting). GCS clients retry transient errors by their own
-defaults. One exception, in `_GuardedReader`: the AWS SDK reports a 5xx answer to a ranged read
+`MPLUG_STORAGE_MAX_ATTEMPTS` (default 10: the first attempt and 9 retries) and
+`MPLUG_STORAGE_RETRY_MODE` (default `standard`) set pyarrow's S3 retry strategy and botocore's (for
+s3fs). `standard`: AWS's standard retries (throttling, 5xx and broken connections; exponential
+backoff with jitter, ~0.6 s before pyarrow's first retry); `adaptive`: botocore adds client-side
+rate limiting (pyarrow: standard); `legacy`: the older strategies (pyarrow's backs off from 25 ms).
+GCS clients retry transient errors by their own defaults. One exception, in `_GuardedReader`: the AWS SDK reports a 5xx answer to a ranged read
 smaller than the error body as a non-retryable INTERNAL_FAILURE ("Failed to flush response
 stream"), so pyarrow never retries it; that one read is repeated, up to the same attempts.
 
@@ -94,6 +95,9 @@ class RetrySettings:
         return {"retries": {"mode": self.mode, "max_attempts": self.max_attempts}}
 
     def s3_retry_strategy(self) -> pafs.S3RetryStrategy:
+        """pyarrow's strategy for the mode (it has no adaptive one: standard stands in)."""
+        if self.mode == "legacy":
+            return pafs.AwsDefaultS3RetryStrategy(max_attempts=self.max_attempts)
         return pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts)
 
 

@@ -52,6 +52,8 @@ def test_one_retry_knob_sets_every_client(monkeypatch):
     settings = storage.retry_settings()
     assert settings.botocore_config_kwargs() == {"retries": {"mode": "adaptive", "max_attempts": 4}}
     assert isinstance(settings.s3_retry_strategy(), storage.pafs.AwsStandardS3RetryStrategy)
+    legacy = storage.RetrySettings(max_attempts=3, mode="legacy")
+    assert isinstance(legacy.s3_retry_strategy(), storage.pafs.AwsDefaultS3RetryStrategy)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     fs, _ = storage.fsspec_fs("s3://bucket/key")
     assert fs.config_kwargs == {"retries": {"mode": "adaptive", "max_attempts": 4}}
