@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = add_command(
         sub, "infer",
-        help="caption images or answer a question about them, over a folder/parquet/ingest output (Ray Data)",
+        help="caption images or clips or answer a question about them, over a folder/parquet/ingest output (Ray Data)",
         examples=[
             "mplug infer --task caption --model runs/caption-tiny/final --input photos/ --output captions",
             "mplug infer --task vqa --model runs/vqa-tiny/final --input photos/ --output answers "
@@ -48,7 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         ],
         description="Batch inference: every image of the input through ingest's decode guards (a bad image is "
         "counted and written to OUTPUT/rejects/, never fatal), then the model; OUTPUT/predictions/*.parquet "
-        "holds `key` and `prediction`, OUTPUT/stats.json the counts.",
+        "holds `key` and `prediction`, OUTPUT/stats.json the counts. A folder of video files (mp4, webm, avi, "
+        "...) is answered clip by clip: video.num_frames frames of each, read as the task's video task reads "
+        "them (docs/video.md).",
     )  # fmt: skip
     q.add_argument("--task", required=True, choices=[t for t in ("caption", "vqa") if t in TASKS],
                    help="caption: describe each image; vqa: answer a question about it")  # fmt: skip
@@ -56,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", required=True, metavar="URI", help="a model folder: STORAGE/RUN/final (any URI)"
     )
     q.add_argument("--input", required=True, metavar="URI",
-                   help="a folder of images, parquet with image bytes, or an ingest output")  # fmt: skip
+                   help="a folder of images or of video files, parquet with image bytes, or an ingest output")  # fmt: skip
     q.add_argument(
         "--output", required=True, metavar="URI", help="folder for predictions/, rejects/, stats.json"
     )
@@ -111,7 +113,8 @@ def run_infer(args: argparse.Namespace) -> int:
 
     check_inputs(args.model, input_uri=args.input)
     overrides = parse_set_args(args.set)
-    check_task_keys(list(overrides), args.task)
+    # video.* is read when the input holds clips (the task's video task answers them).
+    check_task_keys([k for k in overrides if not k.startswith("video.")], args.task)
     stats = infer(args.task, args.model, args.input, args.output, question=args.question,
                   overrides=overrides, batch_size=args.batch_size, num_actors=args.num_actors,
                   use_gpu=args.use_gpu, address=args.address)  # fmt: skip

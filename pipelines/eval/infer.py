@@ -3,7 +3,9 @@ Ray Data (the model held in actors, GPUs when present).
 
 Inputs: a folder of image files, parquet file(s) with encoded image bytes (the ingest column
 conventions: `image`/`jpg`/`png`/`webp`, optional `key`, `question`), or an output of `mplug
-ingest`. The input is split into units (an input file, or a chunk of image files); actors read
+ingest`; or a folder of video files (mp4, webm, avi, ...), answered by the task's video task
+(`pipelines.tasks.video.video_task_for`: the same model reading `video.num_frames` frames of each
+clip, sampled uniformly and guarded as ingest guards videos). The input is split into units (an input file, or a chunk of image files); actors read
 their units themselves, so only unit descriptors and counts pass through the driver.
 
 Every image goes through ingest's guards (`pipelines/data/image.process_image`): one that cannot
@@ -34,7 +36,7 @@ IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp")
 @dataclass(frozen=True)
 class InferUnit:
     unit_id: str
-    kind: str  # "files" (a chunk of image files) or "parquet" (one file)
+    kind: str  # "files" (a chunk of image files), "videos" (of video files) or "parquet" (one file)
     sources: tuple[str, ...]
 
 
@@ -45,23 +47,34 @@ def list_units(input_uri: str, files_per_unit: int = 256) -> list[InferUnit]:
     ):
         input_uri = storage.join(input_uri, "data")  # an ingest output: its processed shards
     files = [input_uri] if input_uri.endswith(".parquet") else storage.list_files(input_uri)
+    from pipelines.data.video import VIDEO_SUFFIXES
+
     parquet = [f for f in files if f.endswith(".parquet")]
     images = [f for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+    videos = [f for f in files if f.lower().endswith(VIDEO_SUFFIXES)]
     if parquet:
         return [InferUnit(f"p{n:06d}", "parquet", (f,)) for n, f in enumerate(parquet)]
+    if videos and not images:
+        per_unit = max(1, files_per_unit // 16)  # a clip is many images' work
+        return [
+            InferUnit(f"v{n:06d}", "videos", tuple(videos[s : s + per_unit]))
+            for n, s in enumerate(range(0, len(videos), per_unit))
+        ]
     if images:
         return [
             InferUnit(f"f{n:06d}", "files", tuple(images[s : s + files_per_unit]))
             for n, s in enumerate(range(0, len(images), files_per_unit))
         ]
     raise FileNotFoundError(
-        f"--input {input_uri!r}: no parquet files and no images ({', '.join(IMAGE_SUFFIXES)}) found there"
+        f"--input {input_uri!r}: no parquet files, no images ({', '.join(IMAGE_SUFFIXES)}) and no videos "
+        f"({', '.join(VIDEO_SUFFIXES)}) found there"
     )
 
 
 def read_unit(unit: InferUnit) -> list[dict[str, Any]]:
-    """Raw records `key`, `image` (bytes or None), `question` (or None) of one unit."""
-    if unit.kind == "files":
+    """Raw records `key`, `image` (bytes or None), `question` (or None) of one unit (a video's
+    bytes in `image` too)."""
+    if unit.kind in ("files", "videos"):
         out = []
         for uri in unit.sources:
             try:
@@ -105,6 +118,11 @@ class InferWorker:
         self.transform = self.task.transform(train=False).build()
         self.output_uri, self.question, self.batch_size = output_uri, question, batch_size
         self.limits = ImageLimits(resolution=self.task.model_config.image_size, min_size=8)
+        self.video_limits = None
+        if "frames" in self.task.columns:  # a video task: clips sampled as its evaluation reads them
+            from pipelines.data.video import VideoLimits
+
+            self.video_limits = VideoLimits(self.limits, num_frames=self.task.job.video.num_frames)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {
@@ -120,7 +138,13 @@ class InferWorker:
         records, good, rejects = read_unit(unit), [], []
         for rec in records:
             try:
-                rec["image"] = process_image(rec["image"], self.limits).jpeg
+                if unit.kind == "videos" and self.video_limits is not None:
+                    from pipelines.data.video import process_video
+
+                    clip = process_video(rec["image"], self.video_limits)
+                    rec["image"], rec["frames"] = clip.poster, list(clip.frames)
+                else:
+                    rec["image"] = process_image(rec["image"], self.limits).jpeg
             except ImageRejected as err:
                 rejects.append({"key": rec["key"], "reason": err.reason, "detail": err.detail})
                 continue
@@ -155,6 +179,8 @@ class InferWorker:
 
         batch = {"key": objects([r["key"] for r in rows]), "image": objects([r["image"] for r in rows]),
                  "question": objects([r["question"] for r in rows])}  # fmt: skip
+        if "frames" in rows[0]:
+            batch["frames"] = objects([r["frames"] for r in rows])
         with torch.no_grad():
             out = self.task.predict(self.model, to_device(collate_rows(self.transform(batch)), self.device))
         return self.task.inference_rows(out)
@@ -193,6 +219,14 @@ def run_infer(
     started = time.perf_counter()
     init_ray(address)
     units = list_units(input_uri)
+    if units and units[0].kind == "videos":
+        from pipelines.tasks.video import video_task_for
+
+        video_task = video_task_for(task_name)
+        if video_task is None:
+            raise ValueError(f"--input {input_uri!r} holds videos, and task {task_name!r} has no video task")
+        task_name = video_task
+        build_eval_task(task_name, model_uri, overrides)
     resources = eval_resources(num_actors, use_gpu)
     items = [{"item": json.dumps(asdict(u))} for u in units]
     summaries = (

@@ -80,13 +80,19 @@ def encode_mp4(frames: Sequence[np.ndarray], fps: int) -> bytes:
     import av
 
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
+    # Bit-exact: the same frames give the same bytes (no encoder version tag, one encoder thread),
+    # so a corpus is the same whatever machine renders it.
+    with av.open(buf, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "veryfast"}  # colours stay the shapes' colours
+            # crf 18: colours stay the shapes' colours.
+            stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+        else:
+            stream.options = {"threads": "1"}
+        stream.codec_context.flags |= av.codec.context.Flags.bitexact
         for pixels in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)
