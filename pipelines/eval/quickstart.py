@@ -106,7 +106,9 @@ class Predictor:
         from pipelines.train.launch import build_model_config
 
         if task not in _text_tasks():
-            raise ValueError(f"task {task!r}: the quickstart captions or answers; valid tasks: {_text_tasks()}")
+            raise ValueError(
+                f"task {task!r}: the quickstart captions or answers; valid tasks: {_text_tasks()}"
+            )
         where = torch.device(device) if device is not None else default_device()
         source = resolve_init(os.fspath(model))
         if source.kind == "official":

@@ -55,7 +55,10 @@ def test_a_valid_command_parses_with_the_real_parser():
         (["pretrain", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
         (["pretrain", "--config", "pretrain_huge"], "--config 'pretrain_huge' does not exist"),
         (["finetune", "--task", "vqa", "--config", "pretrain_tiny"], "is for task 'pretrain'"),
-        (["tune", "--task", "vqa", "--space", "tune_caption"], "--space 'tune_caption' is for task 'caption'"),
+        (
+            ["tune", "--task", "vqa", "--space", "tune_caption"],
+            "--space 'tune_caption' is for task 'caption'",
+        ),
         (["submit", "--", "env"], "`mplug submit` runs here, not on the cluster"),
         ([], "no command after `--`"),
     ],
