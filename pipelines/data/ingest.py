@@ -425,7 +425,9 @@ def _raw_records(
     elif unit.kind in ("json", "video"):
         yield from _annotation_records(unit, cfg, counts)
     elif unit.kind == "video_webdataset":
-        records = readers.read_webdataset_unit(unit, cfg.max_video_bytes, media_exts=video.WDS_VIDEO_EXTS)
+        records = readers.read_webdataset_unit(
+            unit, cfg.max_video_bytes, media_exts=video.WDS_VIDEO_EXTS, limit_name="max_video_bytes"
+        )
         for rec in readers.guarded(unit, records):
             if "_reject" not in rec:
                 rec["video"] = rec.pop("image")

@@ -634,6 +634,7 @@ class SkippedMember:
     name: str
     size: int
     limit: int
+    limit_name: str  # the setting that holds `limit`, for the reject's detail
 
 
 def _wds_record(
@@ -645,7 +646,7 @@ def _wds_record(
     if skipped is not None:
         rec["_reject"] = (
             "too_large",
-            f"tar member {skipped.name!r} is {skipped.size} bytes > max_image_bytes={skipped.limit} (not read)",
+            f"tar member {skipped.name!r} is {skipped.size} bytes > {skipped.limit_name}={skipped.limit} (not read)",
         )
         return rec
     rec["image"] = members.get(image_ext) if image_ext else None
@@ -668,13 +669,17 @@ def _wds_record(
 
 
 def read_webdataset_unit(
-    unit: Unit, max_member_bytes: int | None = None, media_exts: tuple[str, ...] = WDS_IMAGE_EXTS
+    unit: Unit,
+    max_member_bytes: int | None = None,
+    media_exts: tuple[str, ...] = WDS_IMAGE_EXTS,
+    limit_name: str = "max_image_bytes",
 ) -> Iterator[dict]:
     """Stream a tar (no seeking, so it works on object storage) and group members by key. A
     truncated tar raises when reading reaches the damage; the sample being read then is lost. A
     member larger than `max_member_bytes` (its header says so) is not read: the stream passes
-    over its bytes in small blocks, and its sample is rejected `too_large`. The sample's `image`
-    is its first member with one of `media_exts` (a video's: `pipelines/data/video.py`)."""
+    over its bytes in small blocks, and its sample is rejected `too_large`, naming `limit_name` (the
+    setting that gave the limit). The sample's `image` is its first member with one of `media_exts`
+    (a video's: `pipelines/data/video.py`)."""
     current: str | None = None
     members: dict[str, bytes | SkippedMember] = {}
     with storage.open_input_stream(unit.source) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
@@ -687,7 +692,7 @@ def read_webdataset_unit(
                 members = {}
             current = key
             if max_member_bytes is not None and member.size > max_member_bytes:
-                members[ext] = SkippedMember(member.name, member.size, max_member_bytes)
+                members[ext] = SkippedMember(member.name, member.size, max_member_bytes, limit_name)
                 continue
             handle = tar.extractfile(member)
             members[ext] = handle.read() if handle else b""

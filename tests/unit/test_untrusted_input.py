@@ -112,9 +112,17 @@ def test_an_oversized_tar_member_is_passed_over_unread(tmp_path: Path) -> None:
     unit = readers.Unit("s", "webdataset", str(tmp_path / "s.tar"))
     records, peak = _peak_while(lambda: list(readers.read_webdataset_unit(unit, max_member_bytes=1 << 20)))
     assert [r["key"] for r in records] == ["a", "b", "c"]
-    assert records[1]["_reject"][0] == "too_large" and "b.jpg" in records[1]["_reject"][1]
+    assert records[1]["_reject"] == (
+        "too_large",
+        f"tar member 'b.jpg' is {big} bytes > max_image_bytes=1048576 (not read)",
+    )
     assert records[0]["caption"] == "first" and records[2]["image"] == jpeg()
     assert peak < 8 << 20, f"peak {peak} bytes: the member was read into memory"
+    # A video ingest's limit is another setting: the detail names the one to raise.
+    videos = readers.read_webdataset_unit(unit, 1 << 20, media_exts=("jpg",), limit_name="max_video_bytes")
+    assert next(r for r in videos if r["key"] == "b")["_reject"][1].endswith(
+        "> max_video_bytes=1048576 (not read)"
+    )
 
 
 def test_a_gigantic_json_line_or_element_is_let_go_as_it_streams(tmp_path: Path) -> None:
