@@ -37,6 +37,7 @@ import dataclasses
 import json
 import posixpath
 import re
+import sys
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -62,6 +63,18 @@ _READ_CHUNK = 1 << 20
 MAX_ENTRY_BYTES = 16 << 20  # default limit of one JSON entry (a JSON line, an array element)
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
+
+
+def loads(text: str | bytes) -> object:
+    """`json.loads` for untrusted text: nesting deeper than the parser's recursion limit (a few KB
+    of '[' would do) is a ValueError, as any other JSON that cannot be read, not a RecursionError
+    that would end the task."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(
+            f"JSON nested deeper than the parser allows (~{sys.getrecursionlimit()} levels)"
+        ) from None
 
 
 class ColumnError(ValueError):
@@ -291,7 +304,12 @@ class EntryTooLarge(JsonScanError):
     """A JSON value longer than the window's `max_entry_bytes` (not decoded)."""
 
 
+class EntryTooDeep(JsonScanError):
+    """A JSON value nested deeper than the parser's recursion limit (skipped by its brackets)."""
+
+
 _OVERSIZED = object()  # stands for an array element over the limit in `_array_spans`
+_TOO_DEEP = object()  # and for one nested too deeply to decode
 _STRUCTURE = re.compile(r'["\[\]{}]')
 _STRING_STOP = re.compile(r'["\\]')
 _SCALAR_END = re.compile(r"[,\]}\s]")
@@ -344,6 +362,10 @@ class _Window:
                     raise EntryTooLarge(self.base + i, too_large)
                 if end < len(self.text) or self.eof:  # a number could go on past the window
                     return value, end
+            except RecursionError:
+                raise EntryTooDeep(
+                    self.base + i, "an entry nested deeper than the JSON parser allows"
+                ) from None
             except json.JSONDecodeError as err:
                 incomplete = err.pos >= len(self.text) - 16 or err.msg.startswith("Unterminated string")
                 if self.eof or not incomplete:
@@ -417,7 +439,7 @@ def json_layout(w: _Window) -> tuple[str, int]:
             return "container", j  # (NLVR2's "images" is a list of paths: an entry, not a container)
         try:
             _, j = w.decode(j)
-        except EntryTooLarge:
+        except (EntryTooLarge, EntryTooDeep):
             return "lines", i  # an entry (a first JSON line) over the limit: that line's reject
         j = w.skip_ws(j)
         if w.expect(j, ",}", "',' or '}'") == "}":
@@ -425,11 +447,14 @@ def json_layout(w: _Window) -> tuple[str, int]:
         j = w.skip_ws(j + 1)
 
 
-def _array_spans(w: _Window, i: int) -> Iterator[tuple[int, int, object]]:
+def _array_spans(w: _Window, i: int, whole_file: bool = False) -> Iterator[tuple[int, int, object]]:
     """(start byte, end byte, value) of each element of the array whose '[' is at index i; the
-    value is `_OVERSIZED` for an element over the limit (skipped, never held whole)."""
+    value is `_OVERSIZED` for an element over the limit (skipped, never held whole), `_TOO_DEEP`
+    for one nested too deeply to decode. With `whole_file`, text after the closing ']' is a
+    JsonScanError (it would otherwise go unread, uncounted)."""
     i = w.skip_ws(i + 1)
     if w.char(i) == "]":
+        _after_array(w, i, whole_file)
         return
     while True:
         i = w.compact(i)
@@ -438,12 +463,15 @@ def _array_spans(w: _Window, i: int) -> Iterator[tuple[int, int, object]]:
             value, end = w.decode(i)
         except EntryTooLarge:
             value, end = _OVERSIZED, w.skip_value(i)
+        except EntryTooDeep:
+            value, end = _TOO_DEEP, w.skip_value(i)
         except JsonScanError as err:
             raise JsonScanError(err.pos, err.msg, entry_start=start) from None
         yield start, w.base + end, value
         i = w.skip_ws(end)
         c = w.char(i)
         if c == "]":
+            _after_array(w, i, whole_file)
             return
         if c != ",":
             raise JsonScanError(
@@ -453,8 +481,21 @@ def _array_spans(w: _Window, i: int) -> Iterator[tuple[int, int, object]]:
         i = w.skip_ws(i + 1)
 
 
+def _after_array(w: _Window, i: int, whole_file: bool) -> None:
+    j = w.skip_ws(i + 1)
+    if whole_file and w.char(j):
+        raise JsonScanError(w.base + j, "text after the array's closing ']'", entry_start=w.base + j)
+
+
 def _array_units(
-    w: _Window, i: int, file_uri: str, base: str, kind: str, rows_per_unit: int, check: Callable | None
+    w: _Window,
+    i: int,
+    file_uri: str,
+    base: str,
+    kind: str,
+    rows_per_unit: int,
+    check: Callable | None,
+    whole_file: bool = False,
 ) -> Iterator[Unit]:
     """Units of `rows_per_unit` consecutive elements; a damaged rest of the file is one unit of its own."""
     n = count = 0
@@ -464,7 +505,7 @@ def _array_units(
         return Unit(f"{base}-{n:05d}", kind, file_uri, layout="array", text_format="array", **kw)
 
     try:
-        for start, end, value in _array_spans(w, i):
+        for start, end, value in _array_spans(w, i, whole_file):
             if value is _OVERSIZED:  # a unit of its own, counted as one too_large reject
                 if count:
                     yield unit(start=first, end=last, rows=count)
@@ -473,6 +514,14 @@ def _array_units(
                     f"entry at byte {start} is {end - start} bytes > max_annotation_bytes={w.max_entry_bytes}"
                 )
                 yield unit(start=start, end=end, rows=1, error=error, error_reason="too_large")
+                n += 1
+                continue
+            if value is _TOO_DEEP:  # likewise, one bad_record reject
+                if count:
+                    yield unit(start=first, end=last, rows=count)
+                    n, count = n + 1, 0
+                error = f"entry at byte {start} is nested deeper than the JSON parser allows"
+                yield unit(start=start, end=end, rows=1, error=error, error_reason="bad_record")
                 n += 1
                 continue
             if check is not None and n == 0 and count == 0:
@@ -521,11 +570,12 @@ def _json_file_units(
         if layout == "empty":
             return []
         if layout in ("array", "container"):
-            return list(_array_units(w, i, file_uri, base, kind, rows_per_unit, check))
+            whole_file = layout == "array"  # (a container's array is followed by its other keys)
+            return list(_array_units(w, i, file_uri, base, kind, rows_per_unit, check, whole_file))
     if check is not None:
         try:
             line = next(iter_lines(Unit("", kind, file_uri, layout="lines"), max_entry_bytes))[1]
-            first = json.loads(line) if isinstance(line, bytes) else None
+            first = loads(line) if isinstance(line, bytes) else None
         except (ValueError, StopIteration):
             first = None  # a damaged first line is that row's reject, found by its worker
         if first is not None:
@@ -547,7 +597,7 @@ def read_json_unit(unit: Unit, max_entry_bytes: int = MAX_ENTRY_BYTES) -> Iterat
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                yield loads(line)
             except ValueError as err:  # one bad line is that row's problem, not the file's
                 yield ValueError(f"line at byte {offset} is not JSON: {err}")
         return
@@ -563,7 +613,10 @@ def read_json_unit(unit: Unit, max_entry_bytes: int = MAX_ENTRY_BYTES) -> Iterat
         if text[i] == ",":
             i += 1
             continue
-        value, i = _DECODER.raw_decode(text, i)
+        try:
+            value, i = _DECODER.raw_decode(text, i)
+        except RecursionError:  # the driver decoded it with a shallower stack; the rest is bad_shard
+            raise ValueError(f"entry at character {i} of the unit is nested too deeply to decode") from None
         yield value
 
 
@@ -652,7 +705,7 @@ def _wds_record(
     rec["image"] = members.get(image_ext) if image_ext else None
     if "json" in members:
         try:
-            meta = json.loads(members["json"])
+            meta = loads(members["json"])
             if not isinstance(meta, dict):
                 raise ValueError(f"expected an object, got {type(meta).__name__}")
         except (ValueError, UnicodeDecodeError) as err:
@@ -774,7 +827,7 @@ def _url_file_units(
         if isinstance(line, LongLine):
             raise ValueError(f"the first line is longer than max_annotation_bytes={max_entry_bytes}")
         if fmt == "jsonl":
-            entry = json.loads(line) if line.strip() else {}
+            entry = loads(line) if line.strip() else {}
             found = sorted(entry) if isinstance(entry, dict) else []
         else:
             header = next(csv.reader([line.decode("utf-8")], delimiter="\t" if fmt == "tsv" else ","), [])
@@ -873,7 +926,7 @@ def _url_rows(unit: Unit, max_entry_bytes: int = MAX_ENTRY_BYTES) -> Iterator[ob
             if fmt == "txt":
                 yield {"url": text.strip(), "caption": ""}
             elif fmt == "jsonl":
-                yield json.loads(text)
+                yield loads(text)
             else:
                 values = next(csv.reader([text], delimiter="\t" if fmt == "tsv" else ","))
                 if len(values) != len(header):

@@ -158,3 +158,57 @@ def test_a_gigantic_json_line_or_element_is_let_go_as_it_streams(tmp_path: Path)
     units = readers.json_units(str(tmp_path / "c.jsonl"), 10, max_entry_bytes=1 << 16)
     entries = [e for u in units for e in readers.read_json_unit(u, 1 << 16)]
     assert isinstance(entries[0], readers.OversizedEntry) and entries[1:] == [good[0]]
+
+
+def test_json_nested_deeper_than_the_parser_allows_is_one_bad_entry(tmp_path: Path) -> None:
+    """A few KB of brackets would end the task with RecursionError: it is that entry's reject."""
+    deep = "[" * 100_000 + "]" * 100_000
+    good = [{"image": f"{i}.jpg", "caption": f"caption {i}"} for i in range(3)]
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join([json.dumps(good[0]), deep, *map(json.dumps, good[1:])]) + "\n"
+    )
+    entries = [
+        e for u in readers.json_units(str(tmp_path / "a.jsonl"), 10) for e in readers.read_json_unit(u)
+    ]
+    assert entries[0] == good[0] and entries[2:] == good[1:]
+    assert isinstance(entries[1], ValueError) and "nested deeper than the parser allows" in str(entries[1])
+
+    # A JSON array: that element is a bad_record unit of its own, found by its brackets.
+    (tmp_path / "b.json").write_text(
+        "[" + ",".join([json.dumps(good[0]), deep, *map(json.dumps, good[1:])]) + "]"
+    )
+    units = readers.json_units(str(tmp_path / "b.json"), 10)
+    assert [(u.rows, u.error_reason if u.error else None) for u in units] == [
+        (1, None),
+        (1, "bad_record"),
+        (2, None),
+    ]
+    assert [e for u in units if not u.error for e in readers.read_json_unit(u)] == good
+
+    # A deep first line (JSON Lines), and a tar sample's .json member.
+    (tmp_path / "c.jsonl").write_text('{"image": ' + deep + "}\n" + json.dumps(good[0]) + "\n")
+    entries = [
+        e for u in readers.json_units(str(tmp_path / "c.jsonl"), 10) for e in readers.read_json_unit(u)
+    ]
+    assert isinstance(entries[0], ValueError) and entries[1:] == [good[0]]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in (("s.jpg", jpeg()), ("s.json", deep.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "d.tar").write_bytes(buf.getvalue())
+    (record,) = readers.read_webdataset_unit(readers.Unit("d", "webdataset", str(tmp_path / "d.tar")))
+    assert record["_reject"][0] == "bad_record" and "nested deeper" in record["_reject"][1]
+
+
+def test_text_after_a_json_arrays_closing_bracket_is_a_counted_reject(tmp_path: Path) -> None:
+    """(A JSON Lines file whose first line is an array reads as one JSON array: the lines after it
+    are one bad_shard reject, not dropped unread.)"""
+    good = [{"image": f"{i}.jpg", "caption": f"caption {i}"} for i in range(3)]
+    (tmp_path / "a.json").write_text(json.dumps(good[:2]) + "\n" + json.dumps(good[2]) + "\n")
+    units = readers.json_units(str(tmp_path / "a.json"), 10)
+    assert [(u.rows, u.error_reason if u.error else None) for u in units] == [(2, None), (1, "bad_shard")]
+    assert "text after the array's closing ']'" in units[1].error
+    (tmp_path / "b.json").write_text(json.dumps(good) + "\n\n")  # trailing whitespace is fine
+    assert [u.error for u in readers.json_units(str(tmp_path / "b.json"), 10)] == [None]
