@@ -54,7 +54,7 @@ EXIT_BAD_SHARDS = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pipelines.data.ingest import IngestConfig
+    from pipelines.data.ingest import VIDEO_ROWS_PER_UNIT, IngestConfig
 
     defaults = {k: f.default for k, f in IngestConfig.model_fields.items()}
 
@@ -159,7 +159,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"rows per output parquet file ({default('rows_per_shard')})",
     )
     p.add_argument("--rows-per-unit", type=int, metavar="N",
-                   help=f"json/urls: annotation rows per work unit ({default('rows_per_unit')})")  # fmt: skip
+                   help=f"json/urls/video: annotation rows per work unit ({default('rows_per_unit')}; "
+                   f"video annotations: {VIDEO_ROWS_PER_UNIT})")  # fmt: skip
     p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=None,
                    help=f"drop exact duplicate pairs ({default('dedupe')})")  # fmt: skip
     p.add_argument("--num-workers", type=int, metavar="N",

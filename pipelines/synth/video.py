@@ -88,11 +88,15 @@ def encode_mp4(frames: Sequence[np.ndarray], fps: int) -> bytes:
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            # crf 18: colours stay the shapes' colours.
-            stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
+            # crf 18: colours stay the shapes' colours. mbtree off: on frames this small x264's
+            # macroblock-tree lookahead reads memory it never wrote, so the same frames gave
+            # different bytes (and pixels) after other PyAV work in the process.
+            stream.options = {"crf": "18", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
         else:
             stream.options = {"threads": "1"}
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
+        stream.codec_context.thread_count = 1  # PyAV's default threads would override "threads"
+        stream.codec_context.thread_type = "NONE"
         for pixels in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
                 container.mux(packet)

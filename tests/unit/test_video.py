@@ -164,6 +164,26 @@ def test_ingest_reads_webdataset_tars_with_a_video_member(world, tmp_path) -> No
     assert not good and bad[0]["reason"] == "missing_image" and "mp4" in bad[0]["detail"]
 
 
+def test_a_video_annotation_file_is_cut_into_units_of_64_clips_unless_told(tmp_path) -> None:
+    annotations = tmp_path / "msrvtt_test.jsonl"
+    annotations.write_text(
+        "".join(json.dumps({"clip_name": f"video{i}", "caption": f"a clip {i}"}) + "\n" for i in range(300))
+    )
+
+    def config(**options) -> IngestConfig:
+        return IngestConfig(input=str(annotations), format="video", output="/nonexistent",
+                            video_root=str(tmp_path), **options)  # fmt: skip
+
+    default, explicit = config(), config(rows_per_unit=1_000)
+    # A clip is a hundred images' work: 300 clips spread over the workers, not one unit.
+    assert default.unit_rows() == 64 and len(list_units(default)[0]) >= 4
+    assert explicit.unit_rows() == 1_000 and len(list_units(explicit)[0]) == 1
+    # The layout is part of the output's settings: a re-run with another one is refused.
+    assert default.settings()["rows_per_unit"] == 64 and explicit.settings()["rows_per_unit"] == 1_000
+    images = IngestConfig(input=str(annotations), format="json", output="/nonexistent")
+    assert images.unit_rows() == images.rows_per_unit == 1_000
+
+
 def test_video_annotations_need_a_video_root(world) -> None:
     with pytest.raises(ValueError, match="video_root"):
         _ingest(world["msrvtt"]["train"], None)
