@@ -73,12 +73,22 @@ class URLNotAllowed(OSError):
         self.outcome = outcome  # bad_scheme | private_address
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix: the IPv4 is the low 32 bits
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # a network's own translator: never public
+
+
 def is_public_address(address: str) -> bool:
     """Whether an IP address is a public unicast one (not loopback, private, link-local,
-    multicast, reserved or unspecified; an IPv4-mapped IPv6 address is judged as the IPv4)."""
+    multicast, reserved or unspecified). An IPv6 address that carries an IPv4 one (IPv4-mapped,
+    6to4, NAT64) is judged as that IPv4: a translator would deliver it there."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None or ip.sixtofour is not None:
+            ip = ip.ipv4_mapped or ip.sixtofour
+        elif ip in _NAT64:
+            ip = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        elif ip in _NAT64_LOCAL:
+            return False
     return ip.is_global and not ip.is_multicast
 
 

@@ -63,7 +63,11 @@ def test_paths_inside_the_root_resolve_under_it_and_the_option_allows_any() -> N
     [("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("::1", False),
      ("10.1.2.3", False), ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False),
      ("fe80::1%eth0", False), ("fd00::1", False), ("0.0.0.0", False), ("224.0.0.1", False),
-     ("100.64.0.1", False), ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True)],
+     ("100.64.0.1", False), ("::ffff:127.0.0.1", False), ("::ffff:8.8.8.8", True),
+     # IPv4 carried in IPv6 (6to4, NAT64) is judged as that IPv4
+     ("2002:7f00:1::", False), ("2002:a9fe:a9fe::1", False), ("2002:808:808::", True),
+     ("64:ff9b::7f00:1", False), ("64:ff9b::a00:1", False), ("64:ff9b::808:808", True),
+     ("64:ff9b:1::808:808", False)],
 )  # fmt: skip
 def test_public_addresses(address: str, public: bool) -> None:
     assert is_public_address(address) is public
@@ -75,7 +79,8 @@ def test_public_addresses(address: str, public: bool) -> None:
      ("data:image/png;base64,AAAA", "bad_scheme"), ("x.jpg", "bad_scheme"),
      ("http://127.0.0.1:9/x.jpg", "private_address"), ("http://localhost:9/x.jpg", "private_address"),
      ("http://169.254.169.254/latest/meta-data/", "private_address"), ("http://[::1]:9/x", "private_address"),
-     ("http://10.0.0.1/x.jpg", "private_address")],
+     ("http://10.0.0.1/x.jpg", "private_address"), ("http://2130706433/x.jpg", "private_address"),
+     ("http://0x7f.1/x.jpg", "private_address"), ("http://[::ffff:127.0.0.1]:9/x", "private_address")],
 )  # fmt: skip
 def test_urls_that_may_not_be_fetched_are_refused_before_any_connection(url: str, outcome: str) -> None:
     result = fetch(url, DownloadConfig(timeout_s=2, retries=3, backoff_s=0))
