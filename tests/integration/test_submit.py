@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ray_head import RayHead, start_head, stop_head
+from tests.ray_head import RayHead, join_node, start_head, stop_head
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +39,11 @@ _RAY_CLIENT_ENV = (
 
 @pytest.fixture(scope="module")
 def head() -> RayHead:
+    """A head, and a second node on this machine that shares its log folder (as every node of
+    Ray's fake multi-node autoscaler does): two log monitors publish every worker line."""
     h = start_head(num_cpus=8)
     try:
+        join_node(h, num_cpus=0)
         yield h
     finally:
         stop_head(h)
@@ -162,6 +165,12 @@ def test_pretraining_submitted_with_token_lands_in_s3_and_refusals_are_clear(hea
     outputs += [out, err]
     assert train.returncode == 0, (out[-4000:], err[-3000:])
     assert "step 4/4" in out and f"job {job_id} SUCCEEDED" in out
+    # Each worker line once, though two nodes' log monitors sent it (it came 2-3 times before).
+    for line in ("[mplug] step 2/4 ", "[mplug] step 4/4 ", "[mplug] task pretrain: "):
+        assert sum(line in ln for ln in out.splitlines()) == 1, (
+            line,
+            [ln for ln in out.splitlines() if "]" in ln][-40:],
+        )
 
     # The artefacts are in object storage.
     fs = s3_bucket.s3fs
