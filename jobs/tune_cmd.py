@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_job_arguments(p, [c for c in shipped_configs("train") if c.startswith("finetune_")])
     p.add_argument("--num-samples", type=int, default=4, metavar="N", help="trials (× the grid's points)")
     p.add_argument("--max-concurrent", type=int, metavar="N",
-                   help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")  # fmt: skip
+                   help="trials at once (default: as many as the cluster's CPUs/GPUs hold now; "
+                   "required with --autoscaling)")  # fmt: skip
     p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
                    help="asha stops weak trials early; fifo runs every trial to the end")  # fmt: skip
     p.add_argument("--search", choices=["random", "optuna"], default="random",
@@ -51,6 +52,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.name or not args.storage:
         raise ConfigError("tune needs --storage URI and --name SEARCH (the search's folder: STORAGE/SEARCH)")
+    if args.autoscaling and args.max_concurrent is None:
+        raise ConfigError(
+            "tune --autoscaling: pass --max-concurrent N (trials at once): what an autoscaling cluster "
+            "holds now says nothing of what it grows to"
+        )
     space_uri = check_config(args.space, "space", task=args.task, flag="--space")
     base = config_from_args(args)
     if base.task != "pretrain" and not base.model.init:

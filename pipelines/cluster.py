@@ -52,7 +52,55 @@ def init_ray(address: str | None = None, *, quiet: bool = False, num_cpus: int |
         )
         return _info(ray, local=True)
     ray.init(address=address, **kwargs)
+    keep_cluster_actors_here()
     return _info(ray, local=False)
+
+
+# Ray Data's and Ray Train's cluster-wide actors: detached, one per cluster, 0 CPU, and placed for
+# good on the node of the process that first asks for one. Left to themselves they start inside a
+# training worker (a rank's data stream, a Tune trial's Train controller), and on an autoscaling
+# cluster that worker node then never counts as idle and is never scaled down. (module, function)
+# of Ray's own get-or-create; the usage actor only exists while Ray's usage stats are on.
+_CLUSTER_ACTORS = (
+    ("ray.data._internal.stats", "get_or_create_stats_actor"),
+    ("ray.data._internal.stats_summary_actor", "_get_or_create_stats_summary_actor"),
+    (
+        "ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator",
+        "get_or_create_autoscaling_coordinator",
+    ),
+)
+_USAGE_ACTOR = ("ray.data._internal.usage.actor", "get_or_create_usage_collection_actor")
+
+
+def keep_cluster_actors_here() -> list[str]:
+    """Create Ray's cluster-wide actors from this driver, so they live on its node (a submitted job's
+    driver runs on the head) instead of pinning whichever worker node asks first. An actor that
+    already exists is left where it is. Returns the names of those Ray lacks (another Ray version),
+    each logged as a warning: its actor may then keep a worker node from scaling down."""
+    import importlib
+
+    wanted = list(_CLUSTER_ACTORS)
+    try:
+        from ray.data._internal.usage.collector import usage_collection_disabled
+
+        if not usage_collection_disabled():
+            wanted.append(_USAGE_ACTOR)
+    except ImportError:
+        wanted.append(_USAGE_ACTOR)
+    missing = []
+    for module, function in wanted:
+        try:
+            get_or_create = getattr(importlib.import_module(module), function)
+        except (ImportError, AttributeError):
+            missing.append(f"{module}.{function}")
+            continue
+        get_or_create()
+    for name in missing:
+        logging.getLogger(__name__).warning(
+            f"this Ray has no {name}: the actor it made may keep a worker node of an autoscaling cluster "
+            "from scaling down (docs/clusters.md, scale-down)"
+        )
+    return missing
 
 
 def _info(ray, *, local: bool) -> ClusterInfo:

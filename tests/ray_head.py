@@ -6,6 +6,7 @@ stopped by the ids of its own processes (`ray stop` would end every Ray on the m
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -15,7 +16,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -48,6 +50,7 @@ class RayHead:
     token_file: Path
     dashboard_port: int
     gcs_port: int
+    nodes: list[subprocess.Popen] = field(default_factory=list)  # `ray start` of nodes that joined
 
     @property
     def dashboard_url(self) -> str:
@@ -62,14 +65,22 @@ class RayHead:
         return self.token_file.read_text().strip()
 
 
-def start_head(num_cpus: int = 8, timeout_s: float = 240.0) -> RayHead:
-    """Start the head and return once its Jobs API answers an authenticated request."""
+def start_head(
+    num_cpus: int = 8,
+    timeout_s: float = 240.0,
+    extra_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+    ports: Mapping[str, int] | None = None,
+) -> RayHead:
+    """Start the head and return once its Jobs API answers an authenticated request.
+    `extra_args` go on its `ray start` line, `extra_env` into its environment, `ports` (flag →
+    port) replace free ones (e.g. an autoscaler's config must name the GCS port beforehand)."""
     # Short path: Ray puts unix sockets under it (their paths are limited to ~107 bytes).
     temp_dir = Path(tempfile.mkdtemp(prefix="mplug-rh-", dir="/tmp"))
     token_file = temp_dir / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
-    ports = {flag: free_port() for flag in _PORT_FLAGS}
+    ports = {flag: free_port() for flag in _PORT_FLAGS} | dict(ports or {})
     low = _WORKER_PORTS[0] + secrets.randbelow(_WORKER_PORTS[1] - _WORKER_PORTS[0] - _WORKER_PORT_SPAN)
     env = {k: v for k, v in os.environ.items() if not k.startswith(_STORAGE_ENV_PREFIXES)}
     env.pop("RAY_ADDRESS", None)
@@ -78,6 +89,7 @@ def start_head(num_cpus: int = 8, timeout_s: float = 240.0) -> RayHead:
     # As after `source .venv/bin/activate`: the head's PATH finds the venv's python, which is
     # the `python` a job's entrypoint runs with.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra_env or {})
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     cmd = [
         ray, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -87,6 +99,7 @@ def start_head(num_cpus: int = 8, timeout_s: float = 240.0) -> RayHead:
     ]  # fmt: skip
     for flag, port in ports.items():
         cmd += [flag, str(port)]
+    cmd += list(extra_args)
     log = open(temp_dir / "ray_start.log", "wb")  # noqa: SIM115 - kept open for the process's life
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = RayHead(proc, temp_dir, token_file, ports["--dashboard-port"], ports["--port"])
@@ -96,6 +109,57 @@ def start_head(num_cpus: int = 8, timeout_s: float = 240.0) -> RayHead:
         stop_head(head)
         raise
     return head
+
+
+def _node_env(head: RayHead) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_STORAGE_ENV_PREFIXES)}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(head.token_file), RAY_USAGE_STATS_ENABLED="0")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def join_node(head: RayHead, num_cpus: int = 0, timeout_s: float = 120.0) -> subprocess.Popen:
+    """A second raylet on this machine, joined to `head` without a temp dir of its own: it
+    shares the head's session folder, as every node of Ray's fake multi-node autoscaler does,
+    and its log monitor publishes the same worker files the head's does. Stopped with the head."""
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    low = _WORKER_PORTS[0] + secrets.randbelow(_WORKER_PORTS[1] - _WORKER_PORTS[0] - _WORKER_PORT_SPAN)
+    cmd = [
+        ray, "start", "--address", head.gcs_address, "--block", "--node-ip-address", "127.0.0.1",
+        "--num-cpus", str(num_cpus), "--disable-usage-stats",
+        "--min-worker-port", str(low), "--max-worker-port", str(low + _WORKER_PORT_SPAN),
+    ]  # fmt: skip
+    for flag in _PORT_FLAGS:
+        if flag not in ("--port", "--dashboard-port", "--ray-client-server-port"):  # the head's own
+            cmd += [flag, str(free_port())]
+    log = open(head.temp_dir / f"ray_start_node{len(head.nodes) + 1}.log", "wb")  # noqa: SIM115 - the process's
+    node = subprocess.Popen(
+        cmd, env=_node_env(head), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    head.nodes.append(node)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.poll() is not None:
+            raise RuntimeError(f"ray start (node) exited with {node.returncode}: see {log.name}")
+        if _alive_nodes(head) >= 1 + len(head.nodes):
+            return node
+        time.sleep(1.0)
+    raise TimeoutError(f"the node did not join {head.gcs_address} within {timeout_s:.0f}s")
+
+
+def _alive_nodes(head: RayHead) -> int:
+    """Live nodes of the cluster, as the State API lists them (`ray list nodes`)."""
+    request = urllib.request.Request(
+        f"{head.dashboard_url}/api/v0/nodes?limit=100", headers={"Authorization": f"Bearer {head.token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            rows = json.loads(answer.read())["data"]["result"]["result"]
+    except (urllib.error.URLError, OSError, KeyError, ValueError):
+        return 0
+    return sum(1 for row in rows if row.get("state") == "ALIVE")
 
 
 def _wait_ready(head: RayHead, timeout_s: float) -> None:
@@ -123,12 +187,13 @@ def _processes_of(head: RayHead) -> list[psutil.Process]:
     """`ray start` and everything it started: its descendants, plus any process naming the
     head's temp dir on its command line (the daemons Ray detaches)."""
     found: dict[int, psutil.Process] = {}
-    try:
-        root = psutil.Process(head.process.pid)
-        found[root.pid] = root
-        found.update({p.pid: p for p in root.children(recursive=True)})
-    except psutil.NoSuchProcess:
-        pass
+    for started in (head.process, *head.nodes):
+        try:
+            root = psutil.Process(started.pid)
+            found[root.pid] = root
+            found.update({p.pid: p for p in root.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            pass
     marker = str(head.temp_dir)
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -153,5 +218,6 @@ def stop_head(head: RayHead) -> None:
         except psutil.NoSuchProcess:
             continue
     psutil.wait_procs(alive, timeout=10)
-    head.process.wait(timeout=10)
+    for started in (head.process, *head.nodes):
+        started.wait(timeout=10)
     shutil.rmtree(head.temp_dir, ignore_errors=True)

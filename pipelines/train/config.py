@@ -93,6 +93,9 @@ class ScalingSection(_Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     strategy: Literal["ddp", "fsdp"] = "ddp"
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on GPU")
+    # An elastic group looks for room to grow this often (Ray's elastic_resize_monitor_interval_s);
+    # each resize is a restart from the latest checkpoint.
+    elastic_resize_interval_s: float = Field(60.0, gt=0)
 
     @field_validator("num_workers")
     @classmethod

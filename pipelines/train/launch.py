@@ -256,6 +256,7 @@ def build_trainer(
         train_loop_config={"plan": asdict(plan), "chunks": chunks, "transform_tasks": max(1, tasks // hi)},
         scaling_config=ScalingConfig(
             num_workers=job.scaling.num_workers,
+            elastic_resize_monitor_interval_s=job.scaling.elastic_resize_interval_s,
             use_gpu=job.scaling.use_gpu,
             resources_per_worker={
                 "CPU": job.scaling.cpus_per_worker,
