@@ -271,6 +271,31 @@ def parse_mplug_command(words: list[str]) -> argparse.Namespace:
     return args
 
 
+def check_job_config(args: argparse.Namespace) -> None:
+    """The job's merged config (`args` from `parse_mplug_command`), checked as its command checks
+    it before Ray starts (task, `--set` keys, `--init` for finetuning, a shipped `CHANGE-ME` with
+    the flag to pass), so a job that would stop there is refused here, not submitted. A config
+    given as a URI may need the cluster's credentials: it is read there."""
+    from jobs.cli import resolve_config
+    from pipelines.train.config import ConfigError, check_placeholders
+
+    config = getattr(args, "config", None)
+    kind = "ingest" if args.command == "ingest" else "train"
+    try:
+        if config is not None and "://" in resolve_config(config, kind=kind):
+            return
+        if args.command in ("train", "pretrain", "finetune", "tune"):
+            from jobs.train_cmd import config_from_args
+
+            check_placeholders(config_from_args(args).model_dump(mode="json"))
+        elif args.command == "ingest":
+            from jobs.ingest_cmd import PLACEHOLDER_FLAGS, build_config
+
+            check_placeholders(build_config(args).model_dump(mode="json"), PLACEHOLDER_FLAGS)
+    except ConfigError as err:
+        raise SubmissionError(str(err), exit_code=2) from None
+
+
 def entrypoint(words: list[str], python: str = "python") -> str:
     """The job's shell command. `python -m jobs.cli` (not `mplug`) so that an uploaded checkout
     (the job's working directory, first on its PYTHONPATH) wins over any installed copy;

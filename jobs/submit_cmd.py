@@ -11,6 +11,7 @@ from jobs.cli import add_command
 from jobs.submission import (
     SHIP_MODES,
     SubmissionError,
+    check_job_config,
     check_job_id,
     check_no_token_in,
     cluster_errors,
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
 def submit(args: argparse.Namespace) -> int:
     words = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
-    parse_mplug_command(words)  # fails here, before any cluster is contacted
+    check_job_config(parse_mplug_command(words))  # fails here, before any cluster is contacted
     job_id = check_job_id(args.name) if args.name else None
     shipped = project_runtime_env(args.ship, job_env_vars(args.env))
     cluster = connect(args.address)

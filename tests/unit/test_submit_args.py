@@ -15,6 +15,7 @@ from jobs.submission import (
     CHECKOUT_EXCLUDES,
     Credentials,
     SubmissionError,
+    check_job_config,
     check_job_id,
     check_no_token_in,
     checkout_root,
@@ -70,6 +71,39 @@ def test_an_invalid_command_is_one_clear_error(words, says):
     assert err.value.exit_code == 2
 
 
+@pytest.mark.parametrize(
+    "words, says",
+    [
+        (
+            ["finetune", "--task", "vqa", "--config", "finetune_vqa_base", "--data", "s3://b/p"],
+            "model.init is a placeholder (s3://CHANGE-ME/mplug-runs/pretrain-base/final): pass --init",
+        ),
+        (["pretrain", "--config", "pretrain_base", "--data", "s3://b/p"], "run.storage is a placeholder"),
+        (["finetune", "--task", "vqa", "--config", "finetune_vqa_tiny"], "needs weights to start from"),
+        (
+            ["pretrain", "--config", "pretrain_tiny", "--set", "vqa.num_beams=3"],
+            "--set vqa.num_beams: a vqa option",
+        ),
+        (["ingest", "--config", "ingest_coco_json"], "invalid config: input: Field required"),
+    ],
+)
+def test_a_job_whose_config_its_command_refuses_is_not_submitted(words, says):
+    """The merged config, as the command checks it before Ray starts: refused here, not submitted
+    to fail on the cluster."""
+    with pytest.raises(SubmissionError) as err:
+        check_job_config(parse_mplug_command(words))
+    assert says in str(err.value) and "\n" not in str(err.value)
+    assert err.value.exit_code == 2
+
+
+def test_a_job_whose_placeholders_its_flags_replace_is_checked_and_a_uri_config_left_to_the_cluster():
+    check_job_config(parse_mplug_command(
+        ["finetune", "--task", "vqa", "--config", "finetune_vqa_base", "--init", "s3://b/final",
+         "--data", "s3://b/p", "--storage", "s3://b/runs"]))  # fmt: skip
+    check_job_config(parse_mplug_command(["pretrain", "--config", "s3://b/mine.yaml"]))
+    check_job_config(parse_mplug_command(["env"]))
+
+
 def test_cli_refuses_an_invalid_command_before_contacting_any_cluster(capsys, no_token):
     # An address where nothing listens: the refusal must be about the command, not the cluster.
     code = main(["submit", "--address", f"http://127.0.0.1:{free_port()}", "--", "pretrain", "--bogus"])
@@ -78,6 +112,14 @@ def test_cli_refuses_an_invalid_command_before_contacting_any_cluster(capsys, no
     assert (
         err
         == "mplug submit: not a valid mplug command: `mplug pretrain --bogus`: unrecognized arguments: --bogus"
+    )
+    # A shipped placeholder, as a newcomer first meets it: the flag to pass, not a cluster's error.
+    code = main(["submit", "--address", f"http://127.0.0.1:{free_port()}", "--", "finetune", "--task", "vqa",
+                 "--config", "finetune_vqa_base", "--data", "s3://b/p", "--storage", "s3://b/runs"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith(
+        "mplug submit: model.init is a placeholder (s3://CHANGE-ME/mplug-runs/pretrain-base/final)"
     )
 
 
