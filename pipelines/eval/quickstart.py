@@ -30,11 +30,16 @@ from pipelines.tasks.base import Task
 
 
 def _text_tasks() -> tuple[str, ...]:
-    """The tasks that produce text for one image: those `mplug infer` serves (`batch_inference`)."""
+    """The tasks that produce text for one image: those `mplug infer` serves (`batch_inference`)
+    whose rows are images, not clips (a video task's rows carry `frames`)."""
     from pipelines.tasks import TASKS as REGISTRY
     from pipelines.tasks import task_class
 
-    return tuple(name for name in REGISTRY if task_class(name).batch_inference)
+    return tuple(
+        name
+        for name in REGISTRY
+        if task_class(name).batch_inference and "frames" not in task_class(name).columns
+    )
 
 
 ImageLike = str | os.PathLike | bytes | Image.Image
