@@ -1,7 +1,10 @@
 """The bad-input battery of issue #26, ingest side, s3:// → s3:// on the shared Ray instance:
-annotation paths that escape the image root, file:// and loopback URLs, an oversized tar member
-and a gigantic JSON line. Each is a counted reject with its reason (or a clear error), and every
-other row of the same run is written: nothing else is lost, nothing outside the root is read.
+annotation paths that escape the image root, file:// and loopback URLs, an oversized tar member,
+a gigantic JSON line and one nested past the parser's limit. Each is a counted reject with its
+reason (or a clear error), and every other row of the same run is written: nothing else is lost,
+nothing outside the root is read;
+the annotation file's rejects are the same with 5% of S3 requests failing (the injector's counts
+are printed; faults cost each test ~10 s of retry backoff, so one test carries them).
 And storage keys given in an ingest config never reach a Ray runtime environment.
 
 (The model-loading side, a pickle that would run code and TorchScript without opt-in, is in
@@ -48,7 +51,7 @@ def written_keys(out: str) -> list[str]:
 
 
 def test_annotation_paths_escaping_the_root_and_a_gigantic_json_line(
-    ray_session, s3_bucket, tmp_path
+    ray_session, s3_bucket, s3_faults, tmp_path
 ) -> None:
     root = s3_bucket.uri("coco", "images")
     for i in range(3):
@@ -69,11 +72,15 @@ def test_annotation_paths_escaping_the_root_and_a_gigantic_json_line(
         {"key": "huge", "image": "ok-2.jpg", "caption": "x " * 600_000},  # a 1.2 MB line
         {"key": "ok-2", "image": "sub/../ok-2.jpg", "caption": "inside after all"},
     ]
-    storage.write_text(s3_bucket.uri("ann", "train.jsonl"), "\n".join(json.dumps(e) for e in entries) + "\n")
+    lines = [json.dumps(e) for e in entries]
+    lines.insert(4, '{"key": "nest", "image": "ok-0.jpg", "caption": ' + "[" * 20_000 + "]" * 20_000 + "}")
+    storage.write_text(s3_bucket.uri("ann", "train.jsonl"), "\n".join(lines) + "\n")
     out = s3_bucket.uri("out")
-    stats = run_ingest(IngestConfig(input=s3_bucket.uri("ann"), format="json", image_root=root, output=out,
-                                    image_size=32, rows_per_unit=3, max_annotation_bytes=64 << 10))  # fmt: skip
-    assert stats["read"] == stats["written"] + stats["rejected"] == len(entries)
+    with s3_faults.every(20):  # 5% of S3 requests fail: the same rejects, and only those
+        stats = run_ingest(IngestConfig(input=s3_bucket.uri("ann"), format="json", image_root=root, output=out,
+                                        image_size=32, rows_per_unit=3, max_annotation_bytes=64 << 10))  # fmt: skip
+    assert s3_faults.injected["total"] > 0
+    assert stats["read"] == stats["written"] + stats["rejected"] == len(lines)
     assert written_keys(out) == ["ok-0", "ok-1", "ok-2"]
     got = rejects(out)
     assert {k: reason for k, (reason, _) in got.items() if reason == "path_outside_root"} == dict.fromkeys(
@@ -82,14 +89,16 @@ def test_annotation_paths_escaping_the_root_and_a_gigantic_json_line(
     assert "'../secret.jpg' climbs out of image_root" in got["up"][1]
     (huge_key,) = [k for k, (reason, _) in got.items() if reason == "too_large"]
     assert "longer than max_annotation_bytes=65536" in got[huge_key][1]
-    assert stats["rejected_by_reason"]["path_outside_root"] == 5 and stats["rejected"] == 6
+    (nested,) = [detail for reason, detail in got.values() if reason == "bad_record"]  # 40 KB of brackets
+    assert "nested deeper than the parser allows" in nested
+    assert stats["rejected_by_reason"]["path_outside_root"] == 5 and stats["rejected"] == 7
 
     # The same annotations, trusted: every image is read where the annotation says (pyarrow
     # resolves ".." in an S3 key too, so on S3 the escapes are real; this user opted in).
     trusted = run_ingest(IngestConfig(input=s3_bucket.uri("ann"), format="json", image_root=root,
                                       output=s3_bucket.uri("trusted"), image_size=32,
                                       max_annotation_bytes=64 << 10, allow_image_paths_outside_root=True))  # fmt: skip
-    assert trusted["rejected_by_reason"]["path_outside_root"] == 0 and trusted["rejected"] == 1
+    assert trusted["rejected_by_reason"]["path_outside_root"] == 0 and trusted["rejected"] == 2
     assert written_keys(s3_bucket.uri("trusted")) == [
         "abs",
         "deep",
