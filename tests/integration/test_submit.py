@@ -103,7 +103,7 @@ def test_pretraining_submitted_with_token_lands_in_s3_and_refusals_are_clear(hea
     submit = ["submit", "--address", head.dashboard_url, *[a for n in STORAGE_ENV for a in ("--env", n)]]
 
     # Data: rendered here, ingested on the cluster.
-    raw = render_corpus(s3_bucket.uri("raw"), num=120, fmt="parquet", seed=3, image_size=64)
+    raw = render_corpus(s3_bucket.uri("raw"), num=60, fmt="parquet", seed=3, image_size=64)
     processed = s3_bucket.uri("processed")
     ingest = mplug(
         [*submit, "--wait", "--", "ingest", "--input", raw["train"], "--format", "parquet",
@@ -182,19 +182,40 @@ def test_pretraining_submitted_with_token_lands_in_s3_and_refusals_are_clear(hea
     # A search that finetunes the submitted pretraining, as a user goes on: one retrieval trial
     # (the image-text pairs at hand), scored every epoch. This checks that a search runs as a job
     # and leaves its results in object storage; what a search decides is the Tune test's subject.
+    # While it runs, `mplug jobs` reads the ended training back; env var values stay hidden. Each
+    # call in its own process, as every other call here: Ray caches the token it loads for the
+    # life of a process, and this process's Ray (the shared test instance) has another.
     tune_id = f"tune-{secrets.token_hex(4)}"
-    tune = mplug(
-        [*submit, "--wait", "--name", tune_id, "--", "tune", "--task", "retrieval", "--config",
-         "finetune_retrieval_tiny", "--space", "tune_tiny", "--data", processed, "--eval-data", processed,
-         "--init", s3_bucket.uri("runs/submitted/final"), "--storage", s3_bucket.uri("tune"), "--name",
-         "search", "--num-samples", "1", "--scheduler", "fifo", "--epochs", "1", "--batch-size", "8",
-         "--num-workers", "1", "--set", "run.checkpoint_every=10000"],
-        env,
-        timeout=900,
+    tune = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", *submit, "--wait", "--name", tune_id, "--", "tune", "--task",
+         "retrieval", "--config", "finetune_retrieval_tiny", "--space", "tune_tiny", "--data", processed,
+         "--eval-data", processed, "--init", s3_bucket.uri("runs/submitted/final"), "--storage",
+         s3_bucket.uri("tune"), "--name", "search", "--num-samples", "1", "--scheduler", "fifo", "--epochs", "1",
+         "--batch-size", "8", "--num-workers", "1", "--set", "run.checkpoint_every=10000"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    outputs += [tune.stdout, tune.stderr]
-    assert tune.returncode == 0, (tune.stdout[-4000:], tune.stderr[-3000:])
-    assert f"job {tune_id} SUCCEEDED" in tune.stdout
+    try:
+        address = ["--address", head.dashboard_url]
+        said = {}
+        for action in (["status", job_id], ["list"], ["logs", job_id], ["stop", job_id]):
+            done = mplug(["jobs", *action, *address], env, timeout=120)
+            outputs += [done.stdout, done.stderr]
+            assert done.returncode == 0, done.stderr[-3000:]
+            said[action[0]] = done.stdout
+        tune_out, tune_err = tune.communicate(timeout=900)
+    finally:
+        if tune.poll() is None:
+            tune.kill()
+            tune.communicate()
+    assert "SUCCEEDED" in said["status"] and f"mplug {' '.join(train_cmd[:3])}" in said["status"]
+    assert '"AWS_SECRET_ACCESS_KEY": "***"' in said["status"]
+    assert any(job_id in ln and "SUCCEEDED" in ln for ln in said["list"].splitlines())
+    assert "step 4/4" in said["logs"]
+    assert said["stop"].strip() == f"job {job_id} is not running (SUCCEEDED)"
+
+    outputs += [tune_out, tune_err]
+    assert tune.returncode == 0, (tune_out[-4000:], tune_err[-3000:])
+    assert f"job {tune_id} SUCCEEDED" in tune_out
     search = f"{s3_bucket.name}/tune/search"
     with fs.open(f"{search}/results.csv") as f:
         results = f.read().decode().splitlines()
@@ -203,22 +224,6 @@ def test_pretraining_submitted_with_token_lands_in_s3_and_refusals_are_clear(hea
     assert "optim.lr" in header and "best_eval_r_mean" in header
     assert fs.exists(f"{search}/best.yaml") and fs.exists(f"{search}/search.png")
     assert fs.exists(f"{search}/{row[header.index('trial')]}/final/config.json")
-
-    # `mplug jobs` reads them back; env var values stay hidden. In its own process, as every
-    # other call here: Ray caches the token it loads for the life of a process, and this
-    # process's Ray (the shared test instance) has another.
-    address = ["--address", head.dashboard_url]
-    said = {}
-    for action in (["status", job_id], ["list"], ["logs", job_id], ["stop", job_id]):
-        done = mplug(["jobs", *action, *address], env, timeout=120)
-        outputs += [done.stdout, done.stderr]
-        assert done.returncode == 0, done.stderr[-3000:]
-        said[action[0]] = done.stdout
-    assert "SUCCEEDED" in said["status"] and f"mplug {' '.join(train_cmd[:3])}" in said["status"]
-    assert '"AWS_SECRET_ACCESS_KEY": "***"' in said["status"]
-    assert any(job_id in ln and "SUCCEEDED" in ln for ln in said["list"].splitlines())
-    assert "step 4/4" in said["logs"]
-    assert said["stop"].strip() == f"job {job_id} is not running (SUCCEEDED)"
 
     # The token is in no output, no job's logs and no job's stored details.
     token = head.token
