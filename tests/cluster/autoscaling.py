@@ -155,8 +155,16 @@ def stop_cluster(cluster: Cluster) -> None:
 def _get(cluster: Cluster, path: str, **query: Any) -> Any:
     url = f"{cluster.head.dashboard_url}{path}?{urllib.parse.urlencode(query, doseq=True)}"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {cluster.head.token}"})
-    with urllib.request.urlopen(request, timeout=20) as answer:
-        return json.loads(answer.read())
+    for attempt in range(5):
+        try:
+            with urllib.request.urlopen(request, timeout=20) as answer:
+                return json.loads(answer.read())
+        except urllib.error.URLError:
+            # The State API answers 500 while the head is busy (a node lost, a job starting) on a
+            # loaded machine: ask again before failing the test on it.
+            if attempt == 4:
+                raise
+            time.sleep(2.0)
 
 
 def _state_rows(cluster: Cluster, resource: str, **query: Any) -> list[dict]:

@@ -112,6 +112,7 @@ class SubmittedJob:
     def __init__(self, cluster: Cluster, job_id: str, command: list[str]):
         env = {k: v for k, v in os.environ.items() if k not in _RAY_CLIENT_ENV}
         env["RAY_AUTH_TOKEN_PATH"] = str(cluster.head.token_file)
+        env["PYTHONUNBUFFERED"] = "1"  # each line as it comes: the test acts on them mid-run
         submit = [
             "submit",
             "--address",
@@ -212,13 +213,12 @@ def test_elastic_pretraining_grows_survives_a_lost_node_and_scales_to_zero(clust
         assert _launched(autoscaler_events(cluster)) >= 2, autoscaler_events(cluster)
         step_on_two = wait_for("a step on two workers", lambda: job.first(r"\[mplug\] step \d+/", after=two[0]),
                                JOB_TIMEOUT_S, alive=job.running)  # fmt: skip
-        checkpoint = wait_for(
-            "a checkpoint on two workers",
-            lambda: [p for p in fs.ls(f"{shared.bucket}/runs/elastic") if "checkpoint_" in p],
-            JOB_TIMEOUT_S,
-            alive=job.running,
-        )
-        assert checkpoint
+        # A checkpoint Ray Train has registered: the step after the first checkpoint (step 2)
+        # starts only once that checkpoint's report returned.
+        wait_for("a checkpoint on two workers, registered",
+                 lambda: job.first(r"\[mplug\] step ([3-9]|\d\d+)/", after=two[0]), JOB_TIMEOUT_S,
+                 alive=job.running)  # fmt: skip
+        assert [p for p in fs.ls(f"{shared.bucket}/runs/elastic") if "checkpoint_" in p]
 
         # Preemption: one of the two nodes vanishes mid-run.
         lost = sorted(before)[-1]
