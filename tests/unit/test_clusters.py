@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import shlex
 from pathlib import Path
 
@@ -151,3 +152,66 @@ def test_rayjob_runs_our_command_with_resources_its_cluster_gives(name):
         assert args.autoscaling, "an autoscaling cluster's command needs --autoscaling"
         if args.command == "tune":
             assert args.max_concurrent, "on a cluster that starts empty, tune needs --max-concurrent"
+
+
+# ---- the worker ranges docs/clusters.md tells users to pass -------------------------------------------
+DOCS = CLUSTERS.parents[1] / "docs" / "clusters.md"
+ELASTIC = ["aws.yaml", "gcp.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-pretrain.yaml"]
+# | `aws.yaml` | `gpu_train` | 0..2 | 8 | `--num-workers 8,16` |
+_RANGE_ROW = re.compile(
+    r"^\| `(?P<file>[^`]+)` \| `(?P<group>[^`]+)` \| (?P<lo>\d+)\.\.(?P<hi>\d+) \| (?P<gpus>\d+) \| "
+    r"`--num-workers (?P<min>\d+),(?P<max>\d+)` \|",
+    re.MULTILINE,
+)
+
+
+def documented_ranges() -> dict[str, dict]:
+    rows = {m["file"]: m.groupdict() for m in _RANGE_ROW.finditer(DOCS.read_text())}
+    return {
+        f: {k: (v if k in ("file", "group") else int(v)) for k, v in row.items()} for f, row in rows.items()
+    }
+
+
+def training_group(name: str) -> tuple[str, int, int, int, float]:
+    """(name, min nodes, max nodes, GPUs per node, CPUs per node) of a manifest's GPU group."""
+    doc = load(name)
+    if name in LAUNCHER:
+        types = doc["available_node_types"]
+        group = next(g for g, t in types.items() if t["resources"].get("GPU"))
+        t = types[group]
+        return group, t["min_workers"], t["max_workers"], t["resources"]["GPU"], t["resources"]["CPU"]
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    g = _gpu_group(spec)
+    cpus, gpus = _pod_resources(g)
+    return g["groupName"], g["minReplicas"], g["maxReplicas"], gpus, cpus
+
+
+def test_documented_elastic_ranges_are_the_manifests_node_type_ranges():
+    """docs/clusters.md's table names, for each manifest, the training group's node range and the
+    `--num-workers MIN,MAX` that spans it: MIN what one node holds (training starts on the first
+    node and survives losing all but one), MAX what all of them hold."""
+    ranges = documented_ranges()
+    assert sorted(ranges) == sorted(ELASTIC), f"docs/clusters.md lists {sorted(ranges)}"
+    cpus_per_worker = reference_job("pretrain_base").scaling.cpus_per_worker
+    for name, row in ranges.items():
+        group, lo, hi, gpus, cpus = training_group(name)
+        assert (row["group"], row["lo"], row["hi"], row["gpus"]) == (group, lo, hi, gpus), (name, row)
+        per_node = int(min(gpus, cpus // cpus_per_worker))
+        assert (row["min"], row["max"]) == (per_node, per_node * hi), (name, row, per_node)
+    # The RayJob runs exactly that range.
+    entrypoint = shlex.split(load("kuberay/rayjob-pretrain.yaml")["spec"]["entrypoint"])
+    job = config_from_args(parse_mplug_command(entrypoint[1:]))
+    row = ranges["kuberay/rayjob-pretrain.yaml"]
+    assert tuple(job.scaling.num_workers) == (row["min"], row["max"])
+
+
+def test_tune_on_an_autoscaling_cluster_needs_max_concurrent(capsys):
+    from jobs.cli import main
+
+    code = main(
+        ["tune", "--task", "retrieval", "--config", "finetune_retrieval_tiny", "--space", "tune_tiny",
+         "--data", "s3://b/p", "--eval-data", "s3://b/p", "--init", "s3://b/r/final", "--storage", "s3://b/t",
+         "--name", "search", "--autoscaling"]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-concurrent" in err and len(err.strip().splitlines()) == 1, err
