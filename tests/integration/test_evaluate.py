@@ -55,7 +55,9 @@ def _task(name: str, overrides: dict | None = None):
 
 
 @pytest.mark.parametrize("name", TASKS)
-def test_evaluate_from_s3_to_s3_matches_in_process(name, task_files, ray_session, s3_bucket):
+def test_evaluate_from_s3_to_s3_matches_in_process(name, task_files, ray_session, s3_bucket, s3_faults):
+    """Ingest and `mplug evaluate` S3 -> S3 while 1 storage request in 20 fails (503, 500, reset):
+    the same metrics as evaluating the local rows in one process."""
     from pipelines.data.ingest import IngestConfig, run_ingest
     from pipelines.eval.evaluate import evaluate_task
 
@@ -68,10 +70,12 @@ def test_evaluate_from_s3_to_s3_matches_in_process(name, task_files, ray_session
         model.save_pretrained(tmp)
         model_uri = _upload_dir(tmp, s3_bucket.uri("model"))
     data = s3_bucket.uri("data")
+    s3_faults.every(20)
     stats = run_ingest(IngestConfig(input=files[name]["test"], format="json", image_root=root, output=data,
                                     image_size=64, min_image_size=16, dedupe=False))  # fmt: skip
     out = s3_bucket.uri("eval")
     result = evaluate_task(name, model_uri, [data], out, overrides=overrides, batch_size=8, num_actors=1)
+    assert s3_faults.off().injected["total"] > 0
 
     written = json.loads(storage.read_text(storage.join(out, "metrics.json")))
     assert (
