@@ -41,6 +41,12 @@ _FORWARDED_ENV = (
 )
 
 
+def forwarded_env() -> dict[str, str]:
+    """What this process's workers (and Tune's trial processes) get from its environment: the
+    storage endpoints, the tracking destination and the storage retry settings."""
+    return {**{k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}, **storage.settings_env()}
+
+
 def build_model_config(job: TrainConfig):
     """The MPlugConfig this job trains; an invalid preset/override combination raises here."""
     from mplug import MPlugConfig
@@ -250,7 +256,7 @@ def build_trainer(
         )  # fmt: skip
     fs, path = storage.pyarrow_fs(storage_uri or job.run.storage)
     # The storage retry settings too (storage.SETTINGS_ENV): workers retry as the driver does.
-    env = {**{k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}, **storage.settings_env()}
+    env = forwarded_env()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"plan": asdict(plan), "chunks": chunks, "transform_tasks": max(1, tasks // hi)},

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -168,14 +169,17 @@ def describe_search(plan: SearchPlan, space: SearchSpace, max_concurrent: int) -
 
 
 # ---- the trial ----------------------------------------------------------------------------------
-def trial_function(config: dict[str, Any], search: dict | None = None) -> None:
-    """One trial: the base job with this trial's values, trained by the training core."""
+def trial_function(config: dict[str, Any], search: dict | None = None, env: dict | None = None) -> None:
+    """One trial: the base job with this trial's values, trained by the training core. `env`:
+    the search driver's storage endpoints and tracking destination (`forwarded_env`), which the
+    trial's process on the cluster did not inherit."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.train.launch import build_trainer, plan_run
     from pipelines.tune.tracking import experiment_name
 
+    os.environ.update(env or {})
     plan = SearchPlan(**search)
     trial_id = tune.get_context().get_trial_id()
     sample = {k: v for k, v in config.items()}
@@ -215,6 +219,7 @@ def run_search(plan: SearchPlan, space: SearchSpace, *, address: str | None = No
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from pipelines.cluster import init_ray
+    from pipelines.train.launch import forwarded_env
     from pipelines.tune.tracking import close_search_run, open_search_run
 
     init_ray(address)
@@ -232,7 +237,7 @@ def run_search(plan: SearchPlan, space: SearchSpace, *, address: str | None = No
         if storage.is_remote(plan.storage)
         else (storage.local_path(plan.uri), None)
     )
-    trainable = tune.with_parameters(trial_function, search=asdict(plan))
+    trainable = tune.with_parameters(trial_function, search=asdict(plan), env=forwarded_env())
     # The trial function only waits on its trainer; its workers hold the resources.
     trainable = tune.with_resources(trainable, {"CPU": 0.001})
     if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
