@@ -55,3 +55,44 @@ def test_a_checkpoint_that_cannot_be_written_fails_in_one_line_naming_it(tmp_pat
         upload_checkpoint(_local_checkpoint(tmp_path), target, Collective())
     message = str(err.value)
     assert message.startswith(f"could not write checkpoint {target}: ") and "\n" not in message
+
+
+class _WritesAFile:
+    """Unpickling this calls `pathlib.Path.write_text`: what a hostile checkpoint would do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.write_text, (pathlib.Path(self.path), "pwned")
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rng_rank0.pt"])
+def test_a_checkpoint_file_that_would_run_code_is_refused_and_runs_nothing(tmp_path, name) -> None:
+    """Whoever can write the bucket can rewrite the manifest too: the loads themselves
+    (`weights_only=True`) are what keeps a pickled payload from running on resume."""
+    import pickle
+
+    import torch
+
+    from pipelines.train.checkpoint import MANIFEST_FILE, TrainState, file_digest, load_state, save_state
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    local = tmp_path / "local"
+    save_state(local, rank=0, model_state=model.state_dict(), optim_state={"optimizer": opt.state_dict()},
+               state=TrainState(step=2))  # fmt: skip
+    target = tmp_path / "checkpoint_00000002"
+    upload_checkpoint(local, str(target), Collective())
+    load_state(target, rank=0)  # as written, it loads
+
+    marker = tmp_path / "pwned.txt"
+    torch.save({"payload": _WritesAFile(str(marker))}, target / name)
+    manifest = json.loads((target / MANIFEST_FILE).read_text())
+    manifest["files"][name] = file_digest(target / name)
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_state(target, rank=0)
+    assert not marker.exists()
