@@ -179,9 +179,23 @@ def alive_worker_nodes(cluster: Cluster) -> list[dict]:
 
 
 def autoscaler_events(cluster: Cluster) -> list[str]:
-    """The autoscaler's cluster events ("Adding 2 node(s) of type cpu-worker.", "Removing …")."""
-    rows = _state_rows(cluster, "cluster_events")
-    return [r["message"] for r in rows if r.get("source_type") == "AUTOSCALER"]
+    """The autoscaler's cluster events ("Adding 2 node(s) of type cpu-worker.", "Removing …"), read
+    from the event log its monitor writes in the head's session folder (one JSON event a line).
+    Read from the file, not the State API's cluster_events: after a node's loss that endpoint
+    answered HTTP 500 for minutes on this machine, while the file is the events' own record."""
+    log = cluster.head.temp_dir / "session_latest" / "logs" / "events" / "event_AUTOSCALER.log"
+    if not log.exists():
+        return []
+    lines = [line for line in log.read_text().splitlines() if line.strip()]
+    messages = []
+    for i, line in enumerate(lines):
+        try:
+            messages.append(json.loads(line)["message"])
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+            # The last line, caught mid-write: it is read complete on the next look.
+    return messages
 
 
 def alive_actors(cluster: Cluster) -> list[dict]:

@@ -109,7 +109,7 @@ class SubmittedJob:
     """`mplug submit --wait …` in its own process, as a user runs it; its output is collected
     line by line (with the time each arrived) while the test watches the cluster."""
 
-    def __init__(self, cluster: Cluster, job_id: str, command: list[str]):
+    def __init__(self, cluster: Cluster, job_id: str, command: list[str], ship: str = "checkout"):
         env = {k: v for k, v in os.environ.items() if k not in _RAY_CLIENT_ENV}
         env["RAY_AUTH_TOKEN_PATH"] = str(cluster.head.token_file)
         env["PYTHONUNBUFFERED"] = "1"  # each line as it comes: the test acts on them mid-run
@@ -117,6 +117,8 @@ class SubmittedJob:
             "submit",
             "--address",
             cluster.head.dashboard_url,
+            "--ship",
+            ship,
             *[a for n in STORAGE_ENV for a in ("--env", n)],
         ]
         self.started = time.monotonic()
@@ -285,12 +287,18 @@ def test_tune_trials_launch_nodes_and_the_search_completes(cluster, shared):
     job = SubmittedJob(
         cluster,
         f"tune-{secrets.token_hex(3)}",
-        ["tune", "--task", "retrieval", "--config", "finetune_retrieval_tiny", "--space", "tune_tiny",
+        # --debug: a failure on the cluster comes back with its traceback.
+        ["--debug", "tune", "--task", "retrieval", "--config", "finetune_retrieval_tiny", "--space", "tune_tiny",
          "--data", shared.processed, "--eval-data", shared.processed, "--init", shared.pretrained,
          "--storage", f"s3://{shared.bucket}/tune", "--name", "search", "--num-samples", "2",
          "--max-concurrent", "2", "--autoscaling", "--scheduler", "fifo", "--max-steps", "4",
          "--batch-size", "8", "--num-workers", "1", "--cpus-per-worker", str(CPUS_PER_WORKER),
          "--set", "run.checkpoint_every=10000"],
+        # Every node of the fake provider shares the head's session folder, so a node's runtime-env
+        # agent can delete the shipped checkout while the driver runs in it (its cwd gone:
+        # FileNotFoundError in Tune's os.path.abspath). On a cloud cluster each node has its own
+        # disk; here the nodes have the package already (this checkout, installed editable).
+        ship="installed",
     )  # fmt: skip
     try:
         # Both trials train at once, each on a node the autoscaler launched for it.
