@@ -9,7 +9,7 @@ PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-learning lint bench clean
+.PHONY: venv demo test test-cluster test-learning lint bench clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "unit or integration or e2e" --durations=15 $(PYTEST_ARGS)
+
+# Not part of `make test` yet: Ray's real autoscaler over its fake multi-node provider (~6-7 min).
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster tests/cluster --durations=0 $(PYTEST_ARGS)
 
 # Not part of `make test`: the learning margins need ~50 min of finetuning on 2 cores.
 test-learning: $(STAMP)
