@@ -15,12 +15,14 @@ import time
 
 import psutil
 import pytest
+import torch
 
 from pipelines import storage
 from pipelines.eval.retrieval import load_pretrained
 from pipelines.train.config import ConfigError, load_config
 from pipelines.train.launch import run_pretraining
 from tests.drivers import sigkill_when
+from tests.tracking_server import shared_mlflow_server
 
 pytestmark = pytest.mark.integration
 
@@ -134,24 +136,34 @@ def logged_rank_rows(run_uri: str, epoch: int, world: int) -> list[list[str]]:
     return out
 
 
-def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_bucket):
-    """Two workers train from S3 with checkpoints to S3; one is SIGKILLed mid-epoch; the run
-    restores its latest checkpoint and continues that epoch exactly where the checkpoint left
+def step_losses(run_uri: str) -> dict[int, dict[str, float]]:
+    """Each logged step's losses, from the run's metrics.csv."""
+    from pipelines.train.checkpoint import history_from_csv
+
+    rows = history_from_csv(storage.read_text(storage.join(run_uri, "metrics.csv")))
+    return {int(r["step"]): {k: v for k, v in r.items() if k.startswith("loss")} for r in rows if "loss" in r}
+
+
+def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_bucket, s3_faults):
+    """Two workers train from S3 with checkpoints to S3 while 1 storage request in 20 fails
+    (503 SlowDown, 500 InternalError, a reset connection); one worker is SIGKILLed mid-epoch; the
+    run restores its latest checkpoint and continues that epoch exactly where the checkpoint left
     it: every rank trained on precisely its rows of the fixed epoch order, none twice, none
-    skipped. The run then has its curves and a loadable exported model."""
-    max_steps = 16
-    job = tiny_job(
-        corpus_uri,
-        s3_bucket.uri("runs"),
-        "killed",
-        **{
-            "run.max_steps": max_steps,
-            "run.checkpoint_every": 3,
-            "run.max_failures": 2,
-            "run.log_sample_keys": True,
-        },
-    )
+    skipped, and it draws the same MLM masks, ITM negatives and PrefixLM cuts as a run never
+    interrupted and never faulted: every step's losses and the final weights equal that run's.
+    The run then has its curves, every checkpoint it registered loads, and its model exports."""
+    max_steps = 12
+    settings = {
+        "run.max_steps": max_steps,
+        "run.checkpoint_every": 3,
+        "run.max_failures": 2,
+        "run.log_sample_keys": True,
+        "run.log_every": 1,
+    }
+    job = tiny_job(corpus_uri, s3_bucket.uri("runs"), "killed", **settings)
+    assert run_pretraining(tiny_job(corpus_uri, s3_bucket.uri("runs"), "whole", **settings)).error is None
     run_uri = s3_bucket.uri("runs", "killed")
+    s3_faults.every(20)
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("result", run_pretraining(job)), daemon=True)
     thread.start()
@@ -164,6 +176,7 @@ def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_b
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=600)
     assert not thread.is_alive()
+    assert s3_faults.off().injected["total"] > 0
     result = outcome["result"]
     assert result.error is None
     state = final_state(run_uri)
@@ -183,24 +196,44 @@ def test_sigkilled_worker_restores_from_checkpoint_and_finishes(corpus_uri, s3_b
     ]
     # The curve continues where the checkpoint left it: every logged step once, in order.
     assert steps == sorted(set(steps)) and steps[-1] == max_steps
+    # ...with the losses of the run that was never interrupted, step by step.
+    resumed, whole = step_losses(run_uri), step_losses(s3_bucket.uri("runs", "whole"))
+    assert sorted(resumed) == sorted(whole) == list(range(1, max_steps + 1))
+    for step in whole:
+        assert resumed[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), step
     assert storage.read_text(storage.join(run_uri, "metrics.csv")).startswith("step,")
     assert storage.read_bytes(storage.join(run_uri, "curves.png"))[:4] == b"\x89PNG"
     assert all(
         d.startswith("checkpoint_") and len(d) == len("checkpoint_00000000") for d in checkpoint_dirs(run_uri)
     )
+    # Every checkpoint the run registered is complete and loads (its manifest checks every file).
+    import tempfile
+    from pathlib import Path
+
+    from pipelines.train.checkpoint import load_state
+
+    for name in registered_checkpoints(run_uri):
+        with tempfile.TemporaryDirectory() as local:
+            load_state(Path(storage.download_dir(storage.join(run_uri, name), local)), rank=1)
     model = load_pretrained(storage.join(run_uri, "final"))
     assert model.config.max_text_len == job_text_len(job)
     assert model(**model.example_inputs(2)).loss.isfinite()
+    whole = load_pretrained(s3_bucket.uri("runs", "whole", "final")).state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, whole[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
-    """The driver process is SIGKILLed after the first checkpoint; the same command resumes.
+def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path, s3_bucket, s3_faults, request):
+    """The driver process is SIGKILLed after the first checkpoint; the same command resumes,
+    with 1 storage request in 20 failing all along (the checkpoints and the data are on S3).
 
     Run with FSDP2 (DDP is covered above), so sharded training, the gathered checkpoint, the
-    optimizer-state restore and the export all go through the real loop too."""
+    optimizer-state restore and the export all go through the real loop too. Both launches log
+    to one MLflow run (a real server), every logged step once."""
     import ray
 
-    storage_uri = str(tmp_path / "runs")
+    storage_uri = s3_bucket.uri("runs")
+    s3_faults.every(20)
     cmd = [
         sys.executable,
         "-m",
@@ -222,15 +255,20 @@ def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
         "8",
         "--strategy",
         "fsdp",
+        "--tracking",
+        "mlflow",
         "--set",
         "run.log_every=2",
         "--address",
         ray.get_runtime_context().gcs_address,
     ]
     run_uri = storage.join(storage_uri, "relaunch")
+    mlflow_server = shared_mlflow_server(request)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri}
     sigkill_when(cmd, tmp_path / "first.log", lambda: registered_checkpoints(run_uri), timeout_s=300,
-                 what="first checkpoint", poll_s=0.2)  # fmt: skip
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+                 what="first checkpoint", poll_s=0.2, env=env)  # fmt: skip
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert s3_faults.off().injected["total"] > 0
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from step" in second.stdout + second.stderr
     state = final_state(run_uri)
@@ -238,6 +276,58 @@ def test_relaunch_after_driver_death_resumes_same_run(corpus_uri, tmp_path):
     assert "2 worker(s)" in second.stdout + second.stderr
     model = load_pretrained(storage.join(run_uri, "final"))
     assert model(**model.example_inputs(2)).loss.isfinite()
+    check_one_tracked_run(mlflow_server.uri, run_uri, "relaunch")
+
+
+def check_one_tracked_run(tracking_uri: str, run_uri: str, name: str) -> None:
+    """The killed and the relaunched attempt logged into ONE MLflow run: every step of the run's
+    metrics.csv once, in order, with the config as params and the final model's URI."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.train.checkpoint import history_from_csv
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    history = history_from_csv(storage.read_text(storage.join(run_uri, "metrics.csv")))
+    for key in ("loss", "epoch", "lr"):
+        logged = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in logged] == [int(r["step"]) for r in history if key in r], key
+    assert run.data.params["run.name"] == name and run.data.params["scaling.strategy"] == "fsdp"
+    assert run.data.params["run.max_steps"] == "12" and run.data.tags["mplug.task"] == "pretrain"
+    assert run.data.tags["mplug.final_model"] == storage.join(run_uri, "final")
+    assert len(run.data.tags["mlflow.source.git.commit"]) == 40 and run.data.tags["ray.job_id"]
+    assert run.info.status == "FINISHED"
+
+
+def test_a_checkpoint_that_could_not_be_written_is_never_resumed_from(corpus_uri, s3_bucket, s3_faults):
+    """Faults that outlast the storage client's retries. Rank 0's files of checkpoint 4 cannot be
+    written (every attempt fails; rank 1's are written: a half-written checkpoint): the run fails
+    on every rank together with one line naming the checkpoint, and only checkpoint 2 is
+    registered. The same command, storage healthy again, resumes from 2, never from the
+    half-written 4, and finishes."""
+    from pipelines.train.launch import failure_line
+
+    job = tiny_job(corpus_uri, s3_bucket.uri("runs"), "flaky",
+                   **{"run.max_steps": 6, "run.checkpoint_every": 2, "run.max_failures": 0})  # fmt: skip
+    run_uri = s3_bucket.uri("runs", "flaky")
+    # pyarrow writes an object as a multipart upload: its first request creates the upload.
+    s3_faults.every(1, match=r"^(PUT|POST) /[^ ?]*/flaky/checkpoint_00000004/train_state\.json")
+    with pytest.raises(Exception) as failed:  # Ray Train's WorkerGroupError, our error inside
+        run_pretraining(job)
+    assert s3_faults.off().injected["total"] > 0
+    line = failure_line(failed.value)
+    assert line.startswith(
+        f"CheckpointError: could not write checkpoint {storage.join(run_uri, 'checkpoint_00000004')}: "
+    ), line
+    assert registered_checkpoints(run_uri) == ["checkpoint_00000002"]
+    half_written = storage.list_files(storage.join(run_uri, "checkpoint_00000004"))
+    assert half_written and not any(f.endswith("manifest.json") for f in half_written), half_written
+
+    assert run_pretraining(job).error is None
+    state = final_state(run_uri)
+    assert state["step"] == 6 and state["resumed_from"] == [2]
 
 
 def test_bad_config_fails_before_any_worker(corpus_uri, tmp_path):
@@ -258,6 +348,7 @@ def test_bad_config_fails_before_any_worker(corpus_uri, tmp_path):
     checkpoint = tmp_path / "sharded" / "checkpoint_00000004"
     checkpoint.mkdir(parents=True)
     (checkpoint / "train_state.json").write_text(json.dumps({"step": 4, "strategy": "fsdp"}))
+    (checkpoint / "manifest.json").write_text(json.dumps({"files": {}}))  # complete
     with pytest.raises(ConfigError, match="--strategy fsdp"):
         run_pretraining(tiny_job(corpus_uri, str(tmp_path), "sharded", **{"run.max_steps": 8}))
     proc = subprocess.run(

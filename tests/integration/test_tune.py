@@ -28,7 +28,10 @@ import time
 import pytest
 
 from pipelines import storage
+from pipelines.train.config import load_config
+from pipelines.train.launch import plan_run
 from tests.drivers import sigkill_when
+from tests.tracking_server import shared_mlflow_server
 
 pytestmark = pytest.mark.integration
 
@@ -69,7 +72,7 @@ def _command(inputs: dict, storage_uri: str, address: str) -> list[str]:
         "--max-concurrent", "2", "--scheduler", "asha", "--num-workers", "1", "--batch-size", "4",
         "--epochs", "2", "--set", "optim.min_lr=0", "--set", "optim.warmup_steps=0", "--set", "run.log_every=2",
         "--set", f"vqa.answer_list={inputs['data']['answer_list']}",
-        "--set", "run.checkpoint_every=10000", "--address", address,
+        "--set", "run.checkpoint_every=10000", "--tracking", "mlflow", "--address", address,
     ]  # fmt: skip
 
 
@@ -127,7 +130,36 @@ def _check_reports_carry_the_newest_evaluation(storage_uri: str, results: list[d
     assert changed, "no trial's metric changed between evaluations: a stale one would pass unseen"
 
 
-def test_search_survives_its_driver_and_leaves_nothing_behind(vqa_search_inputs, s3_bucket, tmp_path):
+def _check_nested_runs(tracking_uri: str, rows: list[dict]) -> None:
+    """One MLflow run for the search, across its relaunch, and one nested under it per trial
+    (found again by a trial that resumed), with the trial's sampled lr as a param, every
+    evaluation once; the best trial is tagged on both sides."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("search").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`mplug.search` = 'search'")
+    nested = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trials = {r.info.run_name: r for r in nested}
+    assert len(nested) == len(trials) == len(rows) == 4 and set(trials) == {r["trial"] for r in rows}
+    assert len(client.search_runs([experiment])) == 5
+    for row in rows:
+        run = trials[row["trial"]]
+        assert float(run.data.params["optim.lr"]) == float(row["optim.lr"])
+        assert run.data.tags["mplug.trial_status"] == row["status"] and run.info.status != "RUNNING"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval_vqa_accuracy")]
+        assert steps and steps == sorted(set(steps)), steps
+    best = [t for t, run in trials.items() if run.data.tags["mplug.best_trial"] == "true"]
+    assert (
+        best == [parent.data.tags["mplug.best_trial"]]
+        and float(trials[best[0]].data.params["optim.lr"]) == 1e-3
+    )
+    assert parent.info.status == "FINISHED" and "best_eval_vqa_accuracy" in parent.data.metrics
+
+
+def test_search_survives_its_driver_and_leaves_nothing_behind(
+    vqa_search_inputs, s3_bucket, tmp_path, request
+):
     import ray
     from ray.util.state import list_actors
 
@@ -136,7 +168,8 @@ def test_search_survives_its_driver_and_leaves_nothing_behind(vqa_search_inputs,
     inputs = {**vqa_search_inputs, "space": str(space)}
     storage_uri = s3_bucket.uri("tune")
     cmd = _command(inputs, storage_uri, ray.get_runtime_context().gcs_address)
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    tracking_uri = shared_mlflow_server(request).uri
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "MLFLOW_TRACKING_URI": tracking_uri}
 
     sigkill_when(cmd, tmp_path / "first.log", lambda: len(_finished_trials(storage_uri)) >= 3, timeout_s=900,
                  what="three ended trials", env=env, poll_s=1)  # fmt: skip
@@ -177,15 +210,15 @@ def test_search_survives_its_driver_and_leaves_nothing_behind(vqa_search_inputs,
     best_yaml = storage.join(storage_uri, "search", "best.yaml")
     assert re.search(r"lr: 0\.001\b", storage.read_text(best_yaml))  # the strong trial
 
-    # best.yaml is a complete finetuning config: it runs as it is (two steps here).
+    # best.yaml is a complete finetuning config: it plans as it is (data, weights, steps), the
+    # check `mplug finetune --config best.yaml` makes before Ray starts.
     local_best = tmp_path / "best.yaml"
     local_best.write_text(storage.read_text(best_yaml))
-    rerun = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "finetune", "--task", "vqa", "--config", str(local_best), "--max-steps", "2",
-         "--storage", str(tmp_path / "runs"), "--address", ray.get_runtime_context().gcs_address],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    with pytest.MonkeyPatch.context() as mp:  # it keeps the search's --tracking mlflow
+        mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+        plan = plan_run(load_config(str(local_best)))
+    assert plan.task == "vqa" and plan.total_steps > 0 and plan.job["optim"]["lr"] == 1e-3
+    _check_nested_runs(tracking_uri, list(csv.DictReader(io.StringIO("\n".join(results)))))
 
     # Nothing of the search is left: every placement group removed, no training actor alive.
     deadline = time.monotonic() + 120
