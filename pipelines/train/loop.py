@@ -44,6 +44,7 @@ from pipelines.train.step import autocast, train_step
 # and its logger, so every printed line reached the driver twice. Its worker root logger writes
 # INFO to the console (forwarded to the driver once) and to the run's structured app log.
 log = logging.getLogger(__name__)
+RESUME_READS = 3  # downloads of a checkpoint before a resume gives up on it
 
 
 @dataclass(frozen=True)
@@ -203,8 +204,7 @@ def start_or_resume(config: dict) -> Worker:
     state, optim_state, rng = TrainState(world_size=world, strategy=job.scaling.strategy), None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # the checkpoint holds every weight: no init source is read
-        with checkpoint.as_directory() as d:
-            loaded = load_state(Path(d), rank=rank)
+        loaded = _read_checkpoint(checkpoint, rank)
         model.load_state_dict(loaded.model_state)
         state, optim_state, rng = loaded.state, loaded.optim_state, loaded.rng
         state.resumed_from.append(state.step)
@@ -409,6 +409,24 @@ def log_and_report(w: Worker, row: dict[str, float], checkpoint: bool) -> None:
             checkpoint_dir_name=f"checkpoint_{state.step:08d}",
             checkpoint_upload_fn=partial(_upload_checkpoint, w),
         )
+
+
+def _read_checkpoint(checkpoint, rank: int, attempts: int = RESUME_READS):
+    """This rank's part of a registered checkpoint, checked against its manifest. Read again when
+    the download fails or differs from the manifest: a store under faults can hand back a body
+    the SDK calls complete but is not (seen with S3 5xx and resets); what the manifest refuses
+    every time is raised."""
+    from pipelines.train.checkpoint import CheckpointError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            with checkpoint.as_directory() as d:
+                return load_state(Path(d), rank=rank)
+        except (CheckpointError, OSError) as err:
+            if attempt == attempts:
+                raise
+            log.warning(f"[mplug] reading checkpoint {checkpoint.path} again ({attempt}/{attempts}): {err}")
+    raise AssertionError("unreachable")
 
 
 def _upload_checkpoint(w: Worker, checkpoint, dir_name: str):

@@ -96,3 +96,47 @@ def test_a_checkpoint_file_that_would_run_code_is_refused_and_runs_nothing(tmp_p
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_state(target, rank=0)
     assert not marker.exists()
+
+
+class _Download:
+    """A registered checkpoint as Ray hands it to a resume: `as_directory()` downloads it; the
+    first `bad` downloads come back with train_state.json altered (what a faulty store did)."""
+
+    def __init__(self, stored: Path, tmp: Path, bad: int) -> None:
+        self.path, self.tmp, self.bad, self.downloads = str(stored), tmp, bad, 0
+
+    def as_directory(self):
+        import contextlib
+        import shutil
+
+        @contextlib.contextmanager
+        def download():
+            self.downloads += 1
+            local = self.tmp / f"download{self.downloads}"
+            shutil.copytree(self.path, local)
+            if self.downloads <= self.bad:
+                (local / "train_state.json").write_text(json.dumps({"step": 999}))
+            yield str(local)
+
+        return download()
+
+
+@pytest.mark.parametrize("bad", [1, 3])
+def test_a_resume_reads_a_checkpoint_again_when_the_download_differs(tmp_path, bad) -> None:
+    import torch
+
+    from pipelines.train.checkpoint import TrainState, save_state
+    from pipelines.train.loop import RESUME_READS, _read_checkpoint
+
+    model = torch.nn.Linear(2, 2)
+    local = tmp_path / "local"
+    save_state(local, rank=0, model_state=model.state_dict(), optim_state={}, state=TrainState(step=2))
+    stored = tmp_path / "checkpoint_00000002"
+    upload_checkpoint(local, str(stored), Collective())
+    checkpoint = _Download(stored, tmp_path, bad)
+    if bad < RESUME_READS:
+        assert _read_checkpoint(checkpoint, rank=0).state.step == 2 and checkpoint.downloads == bad + 1
+    else:  # the same difference every time: refused, naming the file
+        with pytest.raises(CheckpointError, match="train_state.json differs"):
+            _read_checkpoint(checkpoint, rank=0)
+        assert checkpoint.downloads == RESUME_READS
