@@ -97,6 +97,23 @@ def test_nothing_is_filtered_where_each_node_has_its_own_log_folder():
     assert replay.copies_dropped == 0
 
 
+@pytest.mark.parametrize("monitors", [1, 2])
+def test_a_step_line_that_arrives_again_as_new_is_shown_once(monitors):
+    """The loop's step and evaluation lines name their step, so a second copy from the same
+    worker file is a copy even where the readings took it for new (the last step line of a
+    submitted run once came twice); other repeated lines (a warning's, a blank) stay."""
+    replay = ReplayFilter(lambda ip: monitors)
+    last = ["[mplug] step 4/4 loss 9.9700", "[mplug] eval vqa_acc 0.500 (step 4)", "  warnings.warn(", ""]
+    shown = []
+    for lines in (["[mplug] step 3/4 loss 9.9800"], last, last[::-1]):  # reversed: no monitor's next
+        for kept in replay.filter({"ip": "10.0.0.1", "pid": 7, "is_err": True, "lines": lines}):
+            shown += kept["lines"]
+    shown += [line for kept in replay.flush() for line in kept["lines"]]
+    assert [ln for ln in shown if ln.startswith("[mplug]")] == ["[mplug] step 3/4 loss 9.9800", *last[:2]]
+    assert shown.count("  warnings.warn(") == shown.count("") == 2
+    assert replay.copies_dropped >= 2
+
+
 def test_log_monitors_are_counted_per_ip_and_session_folder():
     def node(ip: str, session: str, alive: bool = True) -> dict:
         return {
