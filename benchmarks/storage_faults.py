@@ -1,4 +1,5 @@
-"""Ingest rows/s with 0% and 5% of S3 requests failing, in one run, on one machine.
+"""Ingest rows/s, and a pretraining's samples/s, with 0% and 5% of S3 requests failing, in one
+run, on one machine.
 
 An S3 endpoint of its own (moto behind the fault injector of `tests/faults.py`), a local Ray
 instance, and img2dataset-style parquet shards of photo-like JPEGs (as benchmarks/ingest_throughput
@@ -8,6 +9,12 @@ first from run to run so machine load falls on both alike. Each pair must give t
 the faults injected and the requests seen are reported with the rates.
 
     .venv/bin/python -m benchmarks.storage_faults --rows 2000 --shards 16 --runs 2
+    .venv/bin/python -m benchmarks.storage_faults --rows 1000 --runs 1 --pretrain-steps 30
+
+With `--pretrain-steps N`, mPLUG-tiny then pretrains N steps on 2 workers from the ingested
+shards on S3, a checkpoint to S3 every `--checkpoint-every` steps, fault-free and faulty in turn:
+samples/s over the whole run (start, steps, checkpoints, export) and the loop's own median
+samples/s of its logged windows; the final weights of the pair must be equal (same seed, CPU).
 
 Run it under the shared Ray lock on a shared machine (`flock /tmp/mplug-ray.lock ...`).
 """
@@ -36,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="concurrent ingest tasks")
     parser.add_argument("--runs", type=int, default=2, help="pairs of (fault-free, faulty) ingests")
+    parser.add_argument("--pretrain-steps", type=int, default=0, help="then pretrain this many steps (0: no)")
+    parser.add_argument("--checkpoint-every", type=int, default=5)
     args = parser.parse_args(argv)
 
     import boto3
@@ -59,9 +68,12 @@ def main(argv: list[str] | None = None) -> None:
             for name in sorted(os.listdir(tmp)):
                 storage.write_bytes(f"s3://bench/raw/{name}", Path(tmp, name).read_bytes())
         results = measure(args, faults.S3Faults(endpoint))
+        trained = pretrain(args, faults.S3Faults(endpoint)) if args.pretrain_steps else None
     finally:
         faults.stop(server)
     report(args, results)
+    if trained:
+        print(json.dumps({"pretraining": trained}))
 
 
 def measure(args: argparse.Namespace, switch) -> dict[str, list[dict]]:
@@ -95,6 +107,48 @@ def measure(args: argparse.Namespace, switch) -> dict[str, list[dict]]:
                 f"run {run}: the faulty ingest's counts differ from the fault-free one: {counts}"
             )
     return results
+
+
+def pretrain(args: argparse.Namespace, switch) -> dict[str, dict]:
+    """The tiny pretraining from the first fault-free ingest's output, fault-free then faulty."""
+    import time
+
+    import torch
+
+    from pipelines import storage
+    from pipelines.eval.retrieval import load_pretrained
+    from pipelines.train.checkpoint import history_from_csv
+    from pipelines.train.config import load_config
+    from pipelines.train.launch import run_pretraining
+
+    out: dict[str, dict] = {}
+    weights = {}
+    for name, every in (("0%", None), (f"{100 / args.every:g}%", args.every)):
+        job = load_config(str(REPO / "jobs/configs/pretrain_tiny.yaml"), {
+            "data.uris": ["s3://bench/out-0-0%"], "run.storage": "s3://bench/runs", "run.name": f"pre-{every}",
+            "run.max_steps": args.pretrain_steps, "run.checkpoint_every": args.checkpoint_every,
+            "run.log_every": 1, "scaling.num_workers": 2, "scaling.cpus_per_worker": 1})  # fmt: skip
+        switch.off().reset()
+        if every:
+            switch.every(every)
+        started = time.perf_counter()
+        result = run_pretraining(job)
+        seconds = time.perf_counter() - started
+        state = switch.off().state()
+        if result.error is not None:
+            raise SystemExit(f"pretraining with {name} faults failed: {result.error}")
+        run = f"s3://bench/runs/pre-{every}"
+        rows = history_from_csv(storage.read_text(storage.join(run, "metrics.csv")))
+        loop_rates = [r["samples_per_s"] for r in rows[1:] if "samples_per_s" in r]
+        samples = args.pretrain_steps * job.data.batch_size * 2
+        out[name] = {"samples_per_s_whole_run": round(samples / seconds, 2),
+                     "samples_per_s_loop_median": round(statistics.median(loop_rates), 2) if loop_rates else None,
+                     "seconds": round(seconds, 1), "requests": state["requests"], "faults": state["injected"]}  # fmt: skip
+        weights[name] = load_pretrained(storage.join(run, "final")).state_dict()
+        print(f"pretraining {name:>3}: {out[name]}", flush=True)
+    first, second = weights.values()
+    out["final_weights_equal"] = all(torch.equal(first[k], second[k]) for k in first)
+    return out
 
 
 def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
