@@ -22,11 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/mplug demo
 
-# Two pytest workers, each test file whole on one (its module fixtures, its Ray instance): the
-# Ray tests leave a core idle a third of the time waiting on process starts, S3 retries and Tune.
-TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "unit or integration or e2e" -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "unit or integration or e2e" --durations=15 $(PYTEST_ARGS)
 
 # Not part of `make test` yet: Ray's real autoscaler over its fake multi-node provider (~6-7 min).
 test-cluster: $(STAMP)

@@ -106,9 +106,7 @@ class S3Bucket:
         )
 
 
-# The name under which a test's injected fault counts ride on its report (so that they reach the
-# terminal summary from pytest-xdist's worker processes too).
-_FAULT_COUNTS = "storage_faults_injected"
+_FAULT_COUNTS = pytest.StashKey[list]()
 
 
 @pytest.fixture
@@ -123,18 +121,11 @@ def s3_faults(s3_endpoint: str, request: pytest.FixtureRequest) -> Iterator:
     yield faults
     injected = faults.off().injected
     print(f"\nstorage faults injected by {request.node.name}: {injected}")
-    request.node.user_properties.append((_FAULT_COUNTS, dict(injected)))
+    request.config.stash.setdefault(_FAULT_COUNTS, []).append((request.node.nodeid, injected))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    rows = [
-        (report.nodeid, value)
-        for reports in terminalreporter.stats.values()
-        for report in reports
-        if getattr(report, "when", None) == "teardown"
-        for name, value in getattr(report, "user_properties", ())
-        if name == _FAULT_COUNTS
-    ]
+    rows = config.stash.get(_FAULT_COUNTS, [])
     if rows:
         terminalreporter.section("storage faults injected")
         for nodeid, injected in rows:
