@@ -381,7 +381,8 @@ def log_and_report(w: Worker, row: dict[str, float], checkpoint: bool) -> None:
     if w.rank == 0:
         line = format_step_line(row, w.plan.total_steps) if "loss" in row else _eval_line(row)
         log.info("[mplug] " + line)
-    metrics = {k: float(v) for k, v in {**w.latest_eval, **row}.items()}
+    # total_steps: Tune's results tell a trial that ran all its steps from one stopped early.
+    metrics = {k: float(v) for k, v in {**w.latest_eval, **row, "total_steps": w.plan.total_steps}.items()}
     final = state.step >= w.plan.total_steps
     checkpoint = checkpoint and (final or state.step % job.run.checkpoint_every == 0)
     if w.rank == 0 and (checkpoint or evaluated):

@@ -292,12 +292,7 @@ def trial_rows(grid, plan: SearchPlan, space: SearchSpace) -> list[dict[str, Any
         df = result.metrics_dataframe
         epochs = float(df["epoch"].max()) if df is not None and "epoch" in df and len(df) else 0.0
         best = better(history, key=lambda h: h[1]) if history else (float("nan"), float("nan"))
-        if result.error is not None:
-            status = "error"
-        elif epochs + 1e-6 < plan.max_epochs:
-            status = "stopped early"
-        else:
-            status = "finished"
+        status = "error" if result.error is not None else _ended(df, epochs, plan)
         trial_id = (result.metrics or {}).get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1]
         rows.append({
             "trial": trial_id,
@@ -307,6 +302,16 @@ def trial_rows(grid, plan: SearchPlan, space: SearchSpace) -> list[dict[str, Any
             "history": history,
         })  # fmt: skip
     return rows
+
+
+def _ended(df, epochs: float, plan: SearchPlan) -> str:
+    """ "finished" for a trial that trained all its steps (each report says how many it plans: a
+    `--max-steps` run ends inside an epoch), else "stopped early"; by whole epochs for reports
+    written before `total_steps` was reported."""
+    if df is not None and "total_steps" in df and "step" in df and len(df):
+        last = df.loc[df["step"].astype(float).idxmax()]  # an elastic run re-plans its steps
+        return "finished" if float(last["step"]) >= float(last["total_steps"]) else "stopped early"
+    return "stopped early" if epochs + 1e-6 < plan.max_epochs else "finished"
 
 
 def evaluations(df, metric: str) -> list[tuple[float, float]]:

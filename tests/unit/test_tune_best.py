@@ -101,3 +101,31 @@ def test_a_trials_evaluations_are_read_once_each_from_the_rows_that_carry_them()
     ])  # fmt: skip
     assert evaluations(reports, "eval_accuracy") == [(0.0, 30.0), (1.0, 55.0), (2.0, 50.0)]
     assert evaluations(reports.drop(columns="eval_accuracy"), "eval_accuracy") == []
+
+
+def test_a_trial_that_ran_all_its_steps_finished_though_they_end_inside_an_epoch() -> None:
+    """`--max-steps 4` of a 16-step epoch: the trial ran its plan (status finished, as the
+    autoscaling Tune test expects), while one ASHA stopped at step 2 of 4 did not."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from pipelines.tune.driver import trial_rows
+    from pipelines.tune.space import SearchSpace
+
+    def trial(name: str, steps: int, planned: int) -> SimpleNamespace:
+        reports = pd.DataFrame([{"step": s, "epoch": s / 16, "total_steps": planned, "loss": 1.0, "eval_accuracy": 40.0,
+                                 "eval_epoch": s / 16} for s in range(1, steps + 1)])  # fmt: skip
+        return SimpleNamespace(metrics_dataframe=reports, error=None, metrics={"trial_id": name}, config={},
+                               path=f"/x/{name}")  # fmt: skip
+
+    plan = _plan("/unused")  # max_epochs 2: whole epochs would call both trials stopped early
+    space = SearchSpace(parameters=(), source="space.yaml")
+    rows = trial_rows([trial("ran", 4, 4), trial("cut", 2, 4)], plan, space)
+    assert [(r["trial"], r["status"], r["epochs_run"]) for r in rows] == [
+        ("ran", "finished", 0.25),
+        ("cut", "stopped early", 0.125),
+    ]
+    old = trial("old", 4, 4)  # results written before total_steps was reported: by whole epochs
+    old.metrics_dataframe = old.metrics_dataframe.drop(columns="total_steps")
+    assert trial_rows([old], plan, space)[0]["status"] == "stopped early"
