@@ -205,14 +205,14 @@ class ReplayFilter:
             stream.shown.extend(hashes[copied:])
             stream.held.pop(0)
             self.copies_dropped += copied
-            lines = _unseen_own_lines(stream, batch["lines"][copied:], hashes[copied:])
+            lines = _unseen_step_lines(stream, batch["lines"][copied:], hashes[copied:])
             self.copies_dropped += fresh - len(lines)
             if lines:
                 out.append(batch if len(lines) == len(batch["lines"]) else {**batch, "lines": lines})
         return out
 
 
-def _unseen_own_lines(stream: _Stream, lines: list[str], hashes: tuple[int, ...]) -> list[str]:
+def _unseen_step_lines(stream: _Stream, lines: list[str], hashes: tuple[int, ...]) -> list[str]:
     """`lines` less the loop's step and evaluation lines this stream has shown already: a second
     one is a monitor's copy whatever the readings made of it (the last step line of a 4-step
     run got through twice once, in test_submit)."""

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from pipelines.batches import collate_rows, to_device
 from pipelines.tasks.base import StepContext, Task
-from pipelines.train.checkpoint import TrainState, load_state, save_state, set_rng_state
+from pipelines.train.checkpoint import CheckpointError, TrainState, load_state, save_state, set_rng_state
 from pipelines.train.config import TrainConfig
 from pipelines.train.metrics import StepMeter, format_step_line, peak_flops
 from pipelines.train.optim import build_job_optimizer
@@ -417,17 +417,14 @@ def _read_checkpoint(checkpoint, rank: int, attempts: int = RESUME_READS):
     the download fails or differs from the manifest: a store under faults can hand back a body
     the SDK calls complete but is not (seen with S3 5xx and resets); what the manifest refuses
     every time is raised."""
-    from pipelines.train.checkpoint import CheckpointError
-
-    for attempt in range(1, attempts + 1):
+    for attempt in range(1, attempts):
         try:
             with checkpoint.as_directory() as d:
                 return load_state(Path(d), rank=rank)
         except (CheckpointError, OSError) as err:
-            if attempt == attempts:
-                raise
             log.warning(f"[mplug] reading checkpoint {checkpoint.path} again ({attempt}/{attempts}): {err}")
-    raise AssertionError("unreachable")
+    with checkpoint.as_directory() as d:  # the last try: its error is the run's
+        return load_state(Path(d), rank=rank)
 
 
 def _upload_checkpoint(w: Worker, checkpoint, dir_name: str):
