@@ -26,6 +26,7 @@ An error that remains after the retries comes as `StorageError` naming the URI (
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import posixpath
 import time
@@ -45,6 +46,11 @@ DEFAULT_RETRY_MODE = "standard"
 RETRY_MODES = ("legacy", "standard", "adaptive")  # botocore's
 # The storage settings of this process that workers must share (forwarded by the drivers).
 SETTINGS_ENV = (MAX_ATTEMPTS_ENV, RETRY_MODE_ENV)
+# pyarrow's S3 input streams are unbuffered: each read is one ranged GET. tarfile reads 10 KiB at
+# a time (an 8 MiB shard: 842 GETs) and read() of a whole stream fetched ~256 KiB a GET (a 60 MiB
+# checkpoint file: 241). Streams fetch 4 MiB a request (benchmarks/stream_reads.py): few requests,
+# and a hostile member or line still streams past in a few MiB of memory.
+STREAM_READ_BYTES = 4 << 20
 
 
 class StorageError(OSError):
@@ -273,6 +279,13 @@ class _GuardedReader:
     def read_buffer(self, nbytes: int | None = None) -> pa.Buffer:
         return self._call(self.raw.read_buffer, nbytes)
 
+    # What io.BufferedReader asks of its raw file besides the above.
+    def readinto(self, into) -> int:
+        return self._call(self.raw.readinto, into)
+
+    def flush(self) -> None:
+        pass
+
     def seek(self, position: int, whence: int = 0) -> int:
         return self._call(self.raw.seek, position, whence)
 
@@ -304,13 +317,15 @@ def open_input_file(uri: str) -> pa.NativeFile:
     return pa.PythonFile(_GuardedReader(raw, uri, retry_settings().max_attempts), mode="r")
 
 
-def open_input_stream(uri: str) -> pa.NativeFile:
-    """A sequential reader of `uri` (tar streams; read it in sized chunks, `read(n)`); store failures
-    raise StorageError."""
+def open_input_stream(uri: str, buffer_size: int = STREAM_READ_BYTES) -> pa.NativeFile:
+    """A sequential reader of `uri` (tar streams; read it in sized chunks, `read(n)`), fetching
+    `buffer_size` bytes a request (0: one request per read); store failures raise StorageError.
+    The buffer sits above the guard, so a repeated read repeats one whole request."""
     fs, path = pyarrow_fs(uri)
     with guard(uri, "open"):
         raw = fs.open_input_stream(path)
-    return pa.PythonFile(_GuardedReader(raw, uri, retry_settings().max_attempts), mode="r")
+    reader = _GuardedReader(raw, uri, retry_settings().max_attempts)
+    return pa.PythonFile(io.BufferedReader(reader, buffer_size) if buffer_size else reader, mode="r")
 
 
 def exists(uri: str) -> bool:
@@ -403,5 +418,6 @@ def download_dir(uri: str, local_dir: str) -> str:
         dest = os.path.join(local_dir, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         with fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
-            out.write(src.read())
+            while chunk := src.read(STREAM_READ_BYTES):  # not read(): ~256 KiB a request
+                out.write(chunk)
     return local_dir

@@ -236,7 +236,7 @@ def _file_size(file_uri: str) -> int:
 
 
 def _head(file_uri: str, size: int = _READ_CHUNK) -> bytes:
-    with storage.open_input_stream(file_uri) as f:
+    with storage.open_input_stream(file_uri, buffer_size=0) as f:  # one request of `size`
         return f.read(size)
 
 
@@ -561,7 +561,7 @@ def json_file_units(
 def _json_file_units(
     file_uri: str, base: str, kind: str, rows_per_unit: int, check: Callable | None, max_entry_bytes: int
 ) -> list[Unit]:
-    with storage.open_input_stream(file_uri) as f:
+    with storage.open_input_stream(file_uri, buffer_size=0) as f:  # _Window reads 1 MiB a request
         w = _Window(f, max_entry_bytes)
         try:
             layout, i = json_layout(w)

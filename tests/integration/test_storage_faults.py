@@ -55,6 +55,50 @@ def test_each_client_retries_through_every_fault_kind(s3_bucket, s3_faults) -> N
     assert s3_faults.injected["503"] == state["injected"]["503"] + 4
 
 
+def test_streams_fetch_megabytes_a_request_and_read_the_same_bytes_through_faults(
+    s3_bucket, s3_faults, tmp_path
+) -> None:
+    """A WebDataset tar walked member by member (tarfile reads 10 KiB at a time) costs a request
+    per `STREAM_READ_BYTES`, not one per read, and so does a checkpoint folder's download; with
+    every other request failing, both read the same bytes (the buffer sits above the retries)."""
+    import io
+    import tarfile
+
+    members = {f"{i:05d}.jpg": bytes([i % 251]) * (40 << 10) for i in range(150)}  # ~6 MiB
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    storage.write_bytes(s3_bucket.uri("shard.tar"), buf.getvalue())
+    weights = bytes(range(256)) * (40 << 10)  # 10 MiB
+    storage.write_bytes(s3_bucket.uri("ckpt", "model.safetensors"), weights)
+
+    def walk() -> dict[str, bytes]:
+        with (
+            storage.open_input_stream(s3_bucket.uri("shard.tar")) as raw,
+            tarfile.open(fileobj=raw, mode="r|*") as tar,
+        ):
+            return {m.name: tar.extractfile(m).read() for m in tar}
+
+    before = s3_faults.requests
+    assert walk() == members
+    gets = s3_faults.requests - before
+    assert gets <= -(-len(buf.getvalue()) // storage.STREAM_READ_BYTES) + 1, gets  # was 1 per 10 KiB
+    before = s3_faults.requests
+    local = storage.download_dir(s3_bucket.uri("ckpt"), str(tmp_path / "ckpt"))
+    assert (tmp_path / "ckpt" / "model.safetensors").read_bytes() == weights and local
+    assert s3_faults.requests - before <= 2 + -(-len(weights) // storage.STREAM_READ_BYTES), (
+        s3_faults.requests
+    )
+    with s3_faults.every(2):
+        assert walk() == members
+        storage.download_dir(s3_bucket.uri("ckpt"), str(tmp_path / "again"))
+        assert (tmp_path / "again" / "model.safetensors").read_bytes() == weights
+    assert s3_faults.injected["total"] > 0
+
+
 def _rows(out: str) -> list[dict]:
     files = storage.list_files(storage.join(out, "data"), ".parquet")
     table = pa.concat_tables([pq.read_table(pa.py_buffer(storage.read_bytes(f))) for f in files])
