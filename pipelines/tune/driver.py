@@ -240,7 +240,8 @@ def run_search(plan: SearchPlan, space: SearchSpace, *, address: str | None = No
     trainable = tune.with_parameters(trial_function, search=asdict(plan), env=forwarded_env())
     # The trial function only waits on its trainer; its workers hold the resources.
     trainable = tune.with_resources(trainable, {"CPU": 0.001})
-    if tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
+    restored = tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs)
+    if restored:
         print(f"  resuming the search found in {plan.uri}", flush=True)
         tuner = tune.Tuner.restore(
             tune_path,
@@ -273,12 +274,22 @@ def run_search(plan: SearchPlan, space: SearchSpace, *, address: str | None = No
             ),
         )  # fmt: skip
     started = time.perf_counter()
-    grid = tuner.fit()
+    grid = (restored and _ended_search(tuner, plan.num_samples * space.grid_size())) or tuner.fit()
     rows = trial_rows(grid, plan, space)
     write_results(plan, rows)
     close_search_run(plan, plan.tracking_parent, rows, best_row(plan, rows))
     print(summary(plan, rows, time.perf_counter() - started))
     return grid
+
+
+def _ended_search(tuner, planned_trials: int):
+    """A restored search's results when every planned trial had ended before its driver died
+    (the relaunch has nothing to run: Tune's `fit` waited forever on it); else None."""
+    grid = tuner.get_results()
+    if len(grid) >= planned_trials and grid.num_terminated == len(grid):
+        print("  every trial of the search had ended: writing its results", flush=True)
+        return grid
+    return None
 
 
 # ---- results ------------------------------------------------------------------------------------

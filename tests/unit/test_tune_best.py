@@ -129,3 +129,27 @@ def test_a_trial_that_ran_all_its_steps_finished_though_they_end_inside_an_epoch
     old = trial("old", 4, 4)  # results written before total_steps was reported: by whole epochs
     old.metrics_dataframe = old.metrics_dataframe.drop(columns="total_steps")
     assert trial_rows([old], plan, space)[0]["status"] == "stopped early"
+
+
+def test_a_relaunch_of_an_ended_search_takes_its_results_instead_of_waiting_on_tune():
+    """When every planned trial had ended before the driver died, the relaunch takes the restored
+    results (Tune's fit waited forever on such a search); a trial left to run or not yet created
+    sends it to fit."""
+    from pipelines.tune.driver import _ended_search
+
+    class Grid(list):
+        def __init__(self, trials: int, terminated: int) -> None:
+            super().__init__(range(trials))
+            self.num_terminated = terminated
+
+    class Restored:
+        def __init__(self, grid: Grid) -> None:
+            self.grid = grid
+
+        def get_results(self) -> Grid:
+            return self.grid
+
+    ended = Grid(4, 4)
+    assert _ended_search(Restored(ended), 4) is ended
+    assert _ended_search(Restored(Grid(4, 3)), 4) is None  # one to resume
+    assert _ended_search(Restored(Grid(2, 2)), 4) is None  # two not yet created when it died
