@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import time
@@ -299,8 +300,8 @@ def trial_rows(grid, plan: SearchPlan, space: SearchSpace) -> list[dict[str, Any
     rows = []
     better = max if plan.mode == "max" else min
     for result in grid:
-        history = evaluations(result.metrics_dataframe, plan.metric)
-        df = result.metrics_dataframe
+        df = _reports(result, plan)
+        history = evaluations(df, plan.metric)
         epochs = float(df["epoch"].max()) if df is not None and "epoch" in df and len(df) else 0.0
         best = better(history, key=lambda h: h[1]) if history else (float("nan"), float("nan"))
         status = "error" if result.error is not None else _ended(df, epochs, plan)
@@ -313,6 +314,26 @@ def trial_rows(grid, plan: SearchPlan, space: SearchSpace) -> list[dict[str, Any
             "history": history,
         })  # fmt: skip
     return rows
+
+
+def _reports(result, plan: SearchPlan):
+    """A trial's reports. Tune reads them from storage and, when that read fails, logs a warning
+    and hands over an empty table: the trial would show no metric at all (in CI a storage fault
+    did that to two of four trials). Read again through our storage layer; failing that, the last
+    report Tune received in memory stands in, and the summary says so."""
+    import pandas as pd
+
+    df = result.metrics_dataframe
+    if (df is not None and len(df)) or not (result.metrics or {}).get("training_iteration"):
+        return df
+    uri = storage.join(plan.uri, result.path.rstrip("/").rsplit("/", 1)[-1], "result.json")
+    try:
+        lines = storage.read_text(uri).splitlines()
+        return pd.json_normalize([json.loads(line) for line in lines if line.strip()], sep="/")
+    except (OSError, ValueError) as exc:
+        print(f"  trial {result.metrics.get('trial_id', uri)}: its reports could not be read ({uri}: "
+              f"{str(exc).splitlines()[0]}); its row holds its last report only", flush=True)  # fmt: skip
+        return pd.json_normalize([result.metrics], sep="/")
 
 
 def _ended(df, epochs: float, plan: SearchPlan) -> str:

@@ -55,6 +55,19 @@ def test_each_client_retries_through_every_fault_kind(s3_bucket, s3_faults) -> N
     assert s3_faults.injected["503"] == state["injected"]["503"] + 4
 
 
+def test_one_filesystem_keeps_retrying_past_the_aws_retry_quota(s3_bucket, s3_faults) -> None:
+    """A run or a Tune search keeps one pyarrow filesystem for hours. pyarrow's standard AWS
+    strategy spends a retry quota it never refills (~100 retries a filesystem, then none: a Tune
+    search in CI lost its syncs that way); the strategy we give it must not run dry."""
+    fs, root = storage.pyarrow_fs(s3_bucket.uri())
+    with s3_faults.every(3):  # 1 request in 3 fails: 3 requests a write → ~1 fault a write
+        for i in range(150):
+            with fs.open_output_stream(f"{root}/quota/{i}") as out:
+                out.write(b"%d" % i)
+    assert s3_faults.injected["total"] > 120, s3_faults.injected  # past the ~100 a quota allows
+    assert len(storage.list_files(s3_bucket.uri("quota"))) == 150
+
+
 def test_streams_fetch_megabytes_a_request_and_read_the_same_bytes_through_faults(
     s3_bucket, s3_faults, tmp_path
 ) -> None:
