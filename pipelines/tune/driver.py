@@ -257,17 +257,13 @@ def run_search(plan: SearchPlan, space: SearchSpace, *, address: str | None = No
             if plan.scheduler == "asha"
             else FIFOScheduler()
         )
-        search_alg = None
-        if plan.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            search_alg = OptunaSearch(seed=TrainConfig.model_validate(plan.base).run.seed)
+        search_alg, trials_at_once = search_algorithm(plan, max_concurrent)
         tuner = tune.Tuner(
             trainable,
             param_space=space.param_space(),
             tune_config=tune.TuneConfig(
                 metric=plan.metric, mode=plan.mode, num_samples=plan.num_samples,
-                max_concurrent_trials=max_concurrent, scheduler=scheduler, search_alg=search_alg,
+                max_concurrent_trials=trials_at_once, scheduler=scheduler, search_alg=search_alg,
             ),
             run_config=tune.RunConfig(
                 name=plan.name, storage_path=root, storage_filesystem=fs,
@@ -281,6 +277,21 @@ def run_search(plan: SearchPlan, space: SearchSpace, *, address: str | None = No
     close_search_run(plan, plan.tracking_parent, rows, best_row(plan, rows))
     print(summary(plan, rows, time.perf_counter() - started))
     return grid
+
+
+def search_algorithm(plan: SearchPlan, max_concurrent: int):
+    """Tune's search algorithm for the plan, seeded by the job's `run.seed`, and the
+    `max_concurrent_trials` to pass beside it. Tune's default random search draws from numpy's
+    global generator: the same command sampled other values at each run (the demo's search did).
+    Tune ignores `max_concurrent_trials` for a generator passed in, so ours limits itself."""
+    seed = plan.base["run"]["seed"]  # a TrainConfig dump: every key is there
+    if plan.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed), max_concurrent
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=max_concurrent, random_state=seed), None
 
 
 def _ended_search(tuner, planned_trials: int):
