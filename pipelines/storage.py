@@ -15,11 +15,11 @@ strategy and botocore's (for s3fs); `MPLUG_STORAGE_RETRY_MODE` (default `standar
 mode: `standard` (throttling, 5xx and broken connections; exponential backoff with jitter),
 `adaptive` (adds client-side rate limiting) or `legacy`. pyarrow always gets
 `AwsDefaultS3RetryStrategy` (the same errors; the first retry at once, then waits doubling from
-50 ms to 6.4 s: 12.8 s for 9 retries, measured): its `AwsStandardS3RetryStrategy` draws every retry from the AWS SDK's retry quota (500
-tokens, 5 a retry) and pyarrow never pays tokens back on success, so a filesystem stops retrying
-for good after ~100 retries (measured: 300 writes through 1 fault in 4, every write after the
-101st fault failed) - a long training run or Tune search would lose its storage to faults it
-should survive.
+50 ms to 6.4 s: 12.8 s for 9 retries, measured). Its `AwsStandardS3RetryStrategy` draws every
+retry from the AWS SDK's retry quota (500 tokens, 5 a retry) and pyarrow never pays tokens back,
+so a filesystem stops retrying for good after ~100 retries (measured: 300 writes through 1 fault
+in 4, every write after the 101st fault failed): a long training run or Tune search would lose its
+storage to faults it should survive.
 GCS clients retry transient errors by their own defaults. One exception, in `_GuardedReader`: the AWS SDK reports a 5xx answer to a ranged read
 smaller than the error body as a non-retryable INTERNAL_FAILURE ("Failed to flush response
 stream"), so pyarrow never retries it; that one read is repeated, up to the same attempts.
